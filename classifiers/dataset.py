@@ -1,0 +1,257 @@
+"""Turn one or more feature stores into one aligned, validated data set.
+
+Every check that can fail on the input is done here, before any training:
+store shapes, duplicate rows, one label and one group per image, stores
+covering the same (image, augmentation) rows, the label scheme mapping, and at
+least two classes.  Fold feasibility (enough groups per class) is checked in
+:mod:`classifiers.folds`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+REQUIRED_META_COLUMNS = ("image_id", "label", "group", "aug")
+#: How many differing ids an error message lists before eliding the rest.
+_MAX_LISTED = 10
+
+
+class InputDataError(ValueError):
+    """Input that cannot be cross-validated; the message says what to do."""
+
+
+@dataclass
+class CVDataset:
+    """Feature rows of one or more stores, aligned on ``(image_id, aug)``.
+
+    Attributes
+    ----------
+    meta : pandas.DataFrame
+        One row per (image, augmentation), sorted by ``(image_id, aug)``;
+        columns ``image_id``, ``aug``, ``group``, ``source_label`` (label as
+        stored) and ``label`` (mapped to ``scheme``).
+    X : list of ndarray
+        One float32 matrix per store, rows aligned with ``meta``.
+    store_names : list of str
+        Short unique name per store (backbone, de-duplicated).
+    images : pandas.DataFrame
+        One row per image (sorted by ``image_id``): ``image_id``, ``label``,
+        ``group``, ``n_aug``.
+    row_image : ndarray of int
+        Index into ``images`` for every row of ``meta``.
+    classes : tuple of str
+        Classes of ``scheme`` present in the data, in scheme order.
+    scheme : str
+        Label scheme the data are reported in.
+    absent_classes : tuple of str
+        Classes of ``scheme`` with no image (reported, not modelled).
+    store_configs : list of dict
+        The extraction config of every store.
+    """
+
+    meta: pd.DataFrame
+    X: list
+    store_names: list
+    images: pd.DataFrame
+    row_image: np.ndarray
+    classes: tuple
+    scheme: str
+    absent_classes: tuple = ()
+    store_configs: list = field(default_factory=list)
+
+    @property
+    def row_labels(self) -> np.ndarray:
+        """Mapped label of every row."""
+        return self.meta["label"].to_numpy()
+
+
+def _listing(values) -> str:
+    values = sorted(map(str, values))
+    shown = ", ".join(values[:_MAX_LISTED])
+    more = len(values) - _MAX_LISTED
+    return shown + (f", ... ({more} more)" if more > 0 else "")
+
+
+def _store_names(configs: list) -> list:
+    names = []
+    for i, config in enumerate(configs):
+        base = str((config or {}).get("backbone") or f"store{i}")
+        name = base
+        if name in names:
+            tag = str((config or {}).get("config_hash") or "")[:8]
+            name = f"{base}-{tag}" if tag and f"{base}-{tag}" not in names else f"{base}-{i}"
+        names.append(name)
+    return names
+
+
+def _validated_frame(table, name: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """Check one FeatureTable and return its meta and X sorted by (image_id, aug)."""
+    meta, X = table.meta, np.asarray(table.X)
+    missing = [c for c in REQUIRED_META_COLUMNS if c not in meta.columns]
+    if missing:
+        raise InputDataError(f"store {name!r}: meta lacks columns {missing}; it needs {list(REQUIRED_META_COLUMNS)}")
+    if X.ndim != 2 or X.shape[0] != len(meta):
+        raise InputDataError(
+            f"store {name!r}: X has shape {X.shape} but meta has {len(meta)} rows; "
+            "the store is corrupt, re-run the feature extraction"
+        )
+    if len(meta) == 0:
+        raise InputDataError(f"store {name!r} is empty; re-run the feature extraction on a non-empty manifest")
+    if not np.all(np.isfinite(X)):
+        bad = meta.loc[~np.isfinite(X).all(axis=1), "image_id"].unique()
+        raise InputDataError(
+            f"store {name!r}: non-finite features for images {_listing(bad)}; re-extract those images"
+        )
+    meta = meta.loc[:, list(REQUIRED_META_COLUMNS)].copy()
+    meta["image_id"] = meta["image_id"].astype(str)
+    meta["group"] = meta["group"].astype(str)
+    meta["label"] = meta["label"].astype(str)
+    meta["aug"] = meta["aug"].astype(int)
+    dup = meta.duplicated(["image_id", "aug"])
+    if dup.any():
+        raise InputDataError(
+            f"store {name!r}: duplicate (image_id, aug) rows for images {_listing(meta.loc[dup, 'image_id'].unique())}"
+        )
+    per_image = meta.groupby("image_id")[["label", "group"]].nunique()
+    for column in ("label", "group"):
+        bad = per_image.index[per_image[column] > 1]
+        if len(bad):
+            raise InputDataError(
+                f"store {name!r}: images with more than one {column} across augmentations: {_listing(bad)}; "
+                "fix the manifest and re-extract"
+            )
+    order = np.lexsort((meta["aug"].to_numpy(), meta["image_id"].to_numpy()))
+    return meta.iloc[order].reset_index(drop=True), X[order]
+
+
+def _check_same_rows(metas: list, names: list) -> None:
+    """Raise if the stores do not hold the same (image_id, aug) rows, labels, groups."""
+    ref, ref_name = metas[0], names[0]
+    ref_images = set(ref["image_id"])
+    for meta, name in zip(metas[1:], names[1:]):
+        images = set(meta["image_id"])
+        if images != ref_images:
+            only_ref, only_other = ref_images - images, images - ref_images
+            parts = []
+            if only_ref:
+                parts.append(f"{len(only_ref)} image(s) only in {ref_name!r}: {_listing(only_ref)}")
+            if only_other:
+                parts.append(f"{len(only_other)} image(s) only in {name!r}: {_listing(only_other)}")
+            raise InputDataError(
+                f"stores {ref_name!r} and {name!r} do not cover the same images: " + "; ".join(parts)
+                + ". Extract every backbone from the same manifest (same images, same augmentation "
+                "count) or pass only stores that match."
+            )
+        keys_ref = ref[["image_id", "aug"]].to_numpy()
+        keys = meta[["image_id", "aug"]].to_numpy()
+        if len(keys) != len(keys_ref) or not (keys == keys_ref).all():
+            n_ref = ref.groupby("image_id").size()
+            n_other = meta.groupby("image_id").size()
+            differ = n_ref.index[(n_ref != n_other.reindex(n_ref.index)).to_numpy()]
+            if len(differ) == 0:  # same counts, different aug indices
+                merged = ref.merge(meta, on=["image_id", "aug"], how="outer", indicator=True)
+                differ = merged.loc[merged["_merge"] != "both", "image_id"].unique()
+            raise InputDataError(
+                f"stores {ref_name!r} and {name!r} hold different augmentations for images {_listing(differ)}. "
+                "Extract both stores with the same augmentation count and seed."
+            )
+        for column in ("label", "group"):
+            diff = ref[column].to_numpy() != meta[column].to_numpy()
+            if diff.any():
+                raise InputDataError(
+                    f"stores {ref_name!r} and {name!r} disagree on the {column} of images "
+                    f"{_listing(ref.loc[diff, 'image_id'].unique())}; extract them from the same manifest"
+                )
+
+
+def map_to_scheme(labels, scheme: str) -> tuple[np.ndarray, tuple]:
+    """Map stored labels into ``scheme`` with :func:`data.labels.map_labels`.
+
+    Returns
+    -------
+    mapped : ndarray of str
+    scheme_classes : tuple of str
+        All classes of the scheme, in order.
+    """
+    from data import labels as label_api  # imported late: written by another module owner
+
+    if scheme not in label_api.SCHEMES:
+        raise InputDataError(f"unknown label scheme {scheme!r}; choose from {sorted(label_api.SCHEMES)}")
+    try:
+        mapped = np.asarray(label_api.map_labels(np.asarray(labels, dtype=str), scheme), dtype=str)
+    except ValueError as exc:
+        raise InputDataError(
+            f"the stored labels cannot be reported in scheme {scheme!r}: {exc}. "
+            "Choose a scheme the stored labels map into (bach4 labels map to bach4, bmc3 and binary)."
+        ) from exc
+    return mapped, tuple(label_api.class_names(scheme))
+
+
+def build_dataset(tables, scheme: str = "bach4", names=None) -> CVDataset:
+    """Validate and align feature tables, and map their labels to ``scheme``.
+
+    Parameters
+    ----------
+    tables : sequence of features.store.FeatureTable
+        One or more stores of the same images (e.g. different backbones).
+    scheme : str
+        Label scheme to report in (``bach4``, ``bmc3``, ``binary``).
+    names : sequence of str, optional
+        Names of the stores; default from each config's ``backbone``.
+
+    Returns
+    -------
+    CVDataset
+
+    Raises
+    ------
+    InputDataError
+        If a store is malformed, the stores do not cover the same rows, the
+        labels cannot be mapped, or fewer than two classes are present.
+    """
+    tables = list(tables)
+    if not tables:
+        raise InputDataError("no feature store given; pass at least one --features STORE_DIR")
+    configs = [dict(getattr(t, "config", None) or {}) for t in tables]
+    names = list(names) if names is not None else _store_names(configs)
+    if len(names) != len(tables) or len(set(names)) != len(names):
+        raise InputDataError(f"store names must be unique, one per store: {names}")
+    frames = [_validated_frame(t, n) for t, n in zip(tables, names)]
+    metas, Xs = [f[0] for f in frames], [np.ascontiguousarray(f[1], dtype=np.float32) for f in frames]
+    _check_same_rows(metas, names)
+
+    meta = metas[0].rename(columns={"label": "source_label"})
+    mapped, scheme_classes = map_to_scheme(meta["source_label"].to_numpy(), scheme)
+    meta["label"] = mapped
+    present = tuple(c for c in scheme_classes if c in set(mapped))
+    unknown = sorted(set(mapped) - set(scheme_classes))
+    if unknown:
+        raise InputDataError(f"labels {unknown} are not classes of scheme {scheme!r} {scheme_classes}")
+    if len(present) < 2:
+        raise InputDataError(
+            f"the store(s) hold only one class ({', '.join(present)}) in scheme {scheme!r} "
+            f"({meta['image_id'].nunique()} images): classification needs at least two classes. "
+            "Extract features from a manifest with images of several classes."
+        )
+    images = (
+        meta.groupby("image_id", sort=True)
+        .agg(label=("label", "first"), group=("group", "first"), n_aug=("aug", "size"))
+        .reset_index()
+    )
+    row_image = images.index.to_numpy()[
+        pd.Index(images["image_id"]).get_indexer(meta["image_id"])
+    ]
+    return CVDataset(
+        meta=meta,
+        X=Xs,
+        store_names=names,
+        images=images,
+        row_image=row_image,
+        classes=present,
+        scheme=scheme,
+        absent_classes=tuple(c for c in scheme_classes if c not in present),
+        store_configs=configs,
+    )

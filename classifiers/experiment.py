@@ -1,0 +1,296 @@
+"""Cross-validation of the classifiers on a :class:`~classifiers.dataset.CVDataset`.
+
+A *run* is one classifier on one way of using the stores:
+
+* ``single`` -- one store;
+* ``concat`` -- the stores' features concatenated row by row (rows aligned on
+  ``(image_id, aug)``), one model;
+* ``mean-proba`` -- one model per store, row probabilities averaged over the
+  stores, then voting (Rakhlin et al. 2018 fuse their backbones' models
+  similarly).  Its per-store models are reported too, as ``single`` runs
+  named ``<classifier>-<store>``, since they cost nothing extra.
+
+All runs share one fold assignment.  Models are fitted on training-fold rows
+only (the logistic regression's scaler included), so nothing is learnt from
+the test fold.  :func:`fit_run_model` with ``rows=None`` fits the same model
+on all data (the final model).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+from sklearn.base import clone
+
+from classifiers.dataset import CVDataset, InputDataError
+from classifiers.folds import assign_folds
+from classifiers.models import CLASSIFIER_NAMES, DeviceChoice, make_classifier, resolve_xgboost_device
+from classifiers.voting import vote
+
+logger = logging.getLogger(__name__)
+
+FUSION_CHOICES = ("concat", "mean-proba")
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    """Settings of a cross-validated evaluation.
+
+    Parameters
+    ----------
+    scheme : str, default="bach4"
+        Label scheme to report in.
+    n_folds : int, default=6
+        Folds of StratifiedGroupKFold (El Agouri et al. used 6).
+    classifiers : tuple of str, default=("xgboost", "logreg")
+    fusion : tuple of str, default=("concat", "mean-proba")
+        How several stores are combined; ignored with one store.
+    seed : int, default=0
+        Seeds the fold shuffling and the classifiers.
+    n_jobs : int, default=2
+        XGBoost threads.
+    device : {"auto", "cpu", "cuda"}, default="auto"
+        XGBoost device (see :func:`classifiers.models.resolve_xgboost_device`).
+    """
+
+    scheme: str = "bach4"
+    n_folds: int = 6
+    classifiers: tuple = ("xgboost", "logreg")
+    fusion: tuple = FUSION_CHOICES
+    seed: int = 0
+    n_jobs: int = 2
+    device: str = "auto"
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` on unknown classifier or fusion names."""
+        if not self.classifiers:
+            raise ValueError(f"no classifier selected; choose from {CLASSIFIER_NAMES}")
+        for name in self.classifiers:
+            if name not in CLASSIFIER_NAMES:
+                raise ValueError(f"unknown classifier {name!r}; choose from {CLASSIFIER_NAMES}")
+        for name in self.fusion:
+            if name not in FUSION_CHOICES:
+                raise ValueError(f"unknown fusion {name!r}; choose from {FUSION_CHOICES}")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One classifier on one combination of stores."""
+
+    name: str
+    classifier: str
+    fusion: str  # "single", "concat" or "mean-proba"
+    stores: tuple  # store indices
+
+
+def plan_runs(n_stores: int, store_names, config: CVConfig) -> list:
+    """The runs to evaluate for ``n_stores`` stores under ``config``."""
+    config.validate()
+    runs = []
+    for clf in config.classifiers:
+        if n_stores == 1:
+            runs.append(RunSpec(clf, clf, "single", (0,)))
+            continue
+        if not config.fusion:
+            raise ValueError(f"{n_stores} stores given but no fusion selected; choose from {FUSION_CHOICES}")
+        for fusion in config.fusion:
+            runs.append(RunSpec(f"{clf}-{fusion}", clf, fusion, tuple(range(n_stores))))
+        if "mean-proba" in config.fusion:
+            runs.extend(RunSpec(f"{clf}-{store_names[s]}", clf, "single", (s,)) for s in range(n_stores))
+    return runs
+
+
+@dataclass
+class FittedModel:
+    """Fitted estimator(s) of one run; probabilities follow ``classes``."""
+
+    spec: RunSpec
+    estimators: list  # one per feature block
+    blocks: list  # tuple of store indices feeding each estimator
+    classes: tuple
+
+    def predict_proba(self, Xs, rows=None) -> np.ndarray:
+        """Row probabilities (n_rows, n_classes), averaged over estimators.
+
+        Parameters
+        ----------
+        Xs : list of ndarray
+            Feature matrices of all stores (as in ``CVDataset.X``).
+        rows : array-like of int, optional
+            Rows to predict; all by default.
+        """
+        total = None
+        for est, block in zip(self.estimators, self.blocks):
+            proba = _aligned_proba(est, _features(Xs, block, rows), self.classes)
+            total = proba if total is None else total + proba
+        return total / len(self.estimators)
+
+
+def _features(Xs, block, rows) -> np.ndarray:
+    mats = [Xs[s] if rows is None else Xs[s][rows] for s in block]
+    return mats[0] if len(mats) == 1 else np.hstack(mats)
+
+
+def _aligned_proba(estimator, X, classes) -> np.ndarray:
+    """predict_proba with columns in ``classes`` order (0 for classes unseen in training)."""
+    proba = estimator.predict_proba(X)
+    out = np.zeros((X.shape[0], len(classes)))
+    index = {c: i for i, c in enumerate(classes)}
+    for j, c in enumerate(estimator.classes_):
+        out[:, index[c]] = proba[:, j]
+    return out
+
+
+def fit_run_model(dataset: CVDataset, spec: RunSpec, config: CVConfig, rows=None, device: str | None = None):
+    """Fit the model(s) of one run on ``rows`` (all rows by default).
+
+    Parameters
+    ----------
+    dataset : CVDataset
+    spec : RunSpec
+    config : CVConfig
+    rows : array-like of int, optional
+        Training rows; ``None`` fits the final model on all data.
+    device : str, optional
+        Resolved XGBoost device; resolved from ``config.device`` if omitted.
+
+    Returns
+    -------
+    FittedModel
+    """
+    if device is None and spec.classifier == "xgboost":
+        device = resolve_xgboost_device(config.device).device
+    template = make_classifier(spec.classifier, seed=config.seed, n_jobs=config.n_jobs, device=device or "cpu")
+    blocks = [spec.stores] if spec.fusion in ("single", "concat") else [(s,) for s in spec.stores]
+    y = dataset.row_labels if rows is None else dataset.row_labels[rows]
+    estimators = [clone(template).fit(_features(dataset.X, block, rows), y) for block in blocks]
+    return FittedModel(spec, estimators, blocks, dataset.classes)
+
+
+@dataclass
+class RunResult:
+    """Out-of-fold predictions of one run.
+
+    Attributes
+    ----------
+    spec : RunSpec
+    store_names : tuple of str
+    row_proba : ndarray (n_rows, n_classes)
+        Out-of-fold probability of every augmentation row.
+    predictions : pandas.DataFrame
+        One row per image: ``image_id``, ``group``, ``truth``, ``fold``,
+        ``prediction`` (majority vote), ``prediction_mean_proba``, ``n_aug``,
+        ``votes_<class>``, ``proba_<class>`` (mean probability), ``model``,
+        ``classifier``, ``fusion``, ``stores``.
+    """
+
+    spec: RunSpec
+    store_names: tuple
+    row_proba: np.ndarray
+    predictions: pd.DataFrame
+
+
+@dataclass
+class CVResult:
+    """Everything a report needs."""
+
+    dataset: CVDataset
+    config: CVConfig
+    folds: pd.DataFrame  # image_id, group, label, fold
+    runs: list = field(default_factory=list)
+    device: DeviceChoice | None = None
+    seconds: float = 0.0
+
+
+def image_predictions(dataset: CVDataset, folds: np.ndarray, row_proba: np.ndarray, spec: RunSpec) -> pd.DataFrame:
+    """Per-image table of votes, mean probabilities and both voting decisions."""
+    classes = np.asarray(dataset.classes)
+    result = vote(dataset.row_image, row_proba, len(dataset.images))
+    frame = pd.DataFrame(
+        {
+            "image_id": dataset.images["image_id"].to_numpy(),
+            "group": dataset.images["group"].to_numpy(),
+            "truth": dataset.images["label"].to_numpy(),
+            "prediction": classes[result.majority],
+            "prediction_mean_proba": classes[result.mean_proba_argmax],
+            "fold": folds,
+            "n_aug": dataset.images["n_aug"].to_numpy(),
+        }
+    )
+    for j, c in enumerate(classes):
+        frame[f"votes_{c}"] = result.votes[:, j]
+    for j, c in enumerate(classes):
+        frame[f"proba_{c}"] = result.mean_proba[:, j]
+    frame["model"] = spec.name
+    frame["classifier"] = spec.classifier
+    frame["fusion"] = spec.fusion
+    frame["stores"] = "+".join(dataset.store_names[s] for s in spec.stores)
+    return frame
+
+
+def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
+    """Grouped, stratified K-fold CV of every planned run on shared folds.
+
+    Parameters
+    ----------
+    dataset : CVDataset
+    config : CVConfig
+
+    Returns
+    -------
+    CVResult
+
+    Raises
+    ------
+    InputDataError
+        If the folds are infeasible (checked before any training).
+    """
+    start = time.perf_counter()
+    if dataset.scheme != config.scheme:
+        raise InputDataError(f"dataset is in scheme {dataset.scheme!r} but config asks for {config.scheme!r}")
+    specs = plan_runs(len(dataset.X), dataset.store_names, config)
+    images = dataset.images
+    image_folds = assign_folds(images["label"].to_numpy(), images["group"].to_numpy(), config.n_folds, config.seed)
+    row_folds = image_folds[dataset.row_image]
+    device = resolve_xgboost_device(config.device) if "xgboost" in config.classifiers else None
+
+    # Row probabilities per (classifier, feature block); mean-proba runs reuse
+    # the per-store blocks so each model is fitted once per fold.
+    blocks = {}
+    for spec in specs:
+        parts = [spec.stores] if spec.fusion in ("single", "concat") else [(s,) for s in spec.stores]
+        for block in parts:
+            blocks.setdefault((spec.classifier, block), np.zeros((len(dataset.meta), len(dataset.classes))))
+    for k in range(config.n_folds):
+        train, test = np.flatnonzero(row_folds != k), np.flatnonzero(row_folds == k)
+        t0 = time.perf_counter()
+        for (clf, block), proba in blocks.items():
+            spec = RunSpec(clf, clf, "single" if len(block) == 1 else "concat", block)
+            model = fit_run_model(dataset, spec, config, rows=train, device=device.device if device else None)
+            proba[test] = model.predict_proba(dataset.X, rows=test)
+        logger.info(
+            "fold %d/%d: %d train rows, %d test images, %d models in %.1fs",
+            k + 1, config.n_folds, len(train), int((image_folds == k).sum()), len(blocks),
+            time.perf_counter() - t0,
+        )
+
+    runs = []
+    for spec in specs:
+        if spec.fusion == "mean-proba":
+            row_proba = np.mean([blocks[(spec.classifier, (s,))] for s in spec.stores], axis=0)
+        else:
+            row_proba = blocks[(spec.classifier, spec.stores)]
+        runs.append(
+            RunResult(
+                spec,
+                tuple(dataset.store_names[s] for s in spec.stores),
+                row_proba,
+                image_predictions(dataset, image_folds, row_proba, spec),
+            )
+        )
+    folds = images[["image_id", "group", "label"]].assign(fold=image_folds)
+    return CVResult(dataset, config, folds, runs, device, time.perf_counter() - start)

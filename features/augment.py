@@ -1,0 +1,95 @@
+"""Colour augmentation and random crops, seeded per (seed, image, augmentation).
+
+The colour augmentation is an affine transform of pixel intensities applied per RGB channel::
+
+    out_c = clip(gain_c * (in_c - 128) + 128 + shift_c, 0, 255)
+
+with ``gain_c ~ U(1 - gain_range, 1 + gain_range)`` (contrast, around mid-grey so it does not
+just darken the image) and ``shift_c ~ U(-shift_range, shift_range)`` (brightness), drawn
+independently for R, G and B, which also moves the hue of both stains a little.  Augmentation
+index 0 is the identity: one augmented image is always the (normalised) original.
+
+Crops are squares of ``crop_size``.  An image smaller than the crop in either dimension is
+cropped with side ``min(crop_size, height, width)`` instead: the backbones end in global
+pooling, so the feature is defined for any side, and up-sampling would change the apparent
+magnification, which matters more in histology than the crop's pixel count.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+
+def image_seed(image_id: str) -> int:
+    """Stable 64-bit integer for an image id (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.sha256(image_id.encode("utf-8")).digest()[:8], "little")
+
+
+def augmentation_rng(seed: int, image_id: str, aug_index: int) -> np.random.Generator:
+    """Generator for one augmentation of one image; independent of run order and resumes."""
+    return np.random.default_rng([int(seed), image_seed(image_id), int(aug_index)])
+
+
+@dataclass(frozen=True)
+class ColorAugmentation:
+    """Per-channel affine intensity transform; see the module docstring for the ranges."""
+
+    gain_range: float = 0.1
+    shift_range: float = 20.0
+
+    def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        gain = rng.uniform(1.0 - self.gain_range, 1.0 + self.gain_range, size=3)
+        shift = rng.uniform(-self.shift_range, self.shift_range, size=3)
+        return gain, shift
+
+    def apply(self, image: np.ndarray, gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """Apply the transform to an RGB uint8 image through a lookup table per channel."""
+        levels = np.arange(256, dtype=np.float64)[:, None]
+        lut = np.clip(np.rint(gain[None, :] * (levels - 128.0) + 128.0 + shift[None, :]), 0, 255)
+        lut = lut.astype(np.uint8)
+        return np.stack([lut[image[..., c], c] for c in range(3)], axis=-1)
+
+
+def effective_crop_size(height: int, width: int, crop_size: int) -> int:
+    """Side of the square crop used for an image of this size (see module docstring)."""
+    return int(min(crop_size, height, width))
+
+
+def crop_positions(
+    rng: np.random.Generator, height: int, width: int, side: int, n_crops: int
+) -> np.ndarray:
+    """Top-left corners ``(n_crops, 2)`` as (y, x) of uniformly random square crops."""
+    ys = rng.integers(0, height - side + 1, size=n_crops)
+    xs = rng.integers(0, width - side + 1, size=n_crops)
+    return np.stack([ys, xs], axis=1)
+
+
+def augmented_crops(
+    image: np.ndarray,
+    *,
+    seed: int,
+    image_id: str,
+    aug_index: int,
+    n_crops: int,
+    crop_size: int,
+    color: ColorAugmentation,
+) -> np.ndarray:
+    """The ``(n_crops, side, side, 3)`` uint8 crops of one colour augmentation of ``image``.
+
+    Augmentation 0 keeps the original colours; all draws come from
+    :func:`augmentation_rng` so the result depends only on the arguments.
+    """
+    rng = augmentation_rng(seed, image_id, aug_index)
+    gain, shift = color.sample(rng)
+    if aug_index == 0:
+        gain, shift = np.ones(3), np.zeros(3)
+    height, width = image.shape[:2]
+    side = effective_crop_size(height, width, crop_size)
+    positions = crop_positions(rng, height, width, side, n_crops)
+    crops = np.empty((n_crops, side, side, 3), dtype=np.uint8)
+    for i, (y, x) in enumerate(positions):
+        # Colour-transform only the crop: cheaper than the whole image when crops are small.
+        crops[i] = color.apply(image[y : y + side, x : x + side], gain, shift)
+    return crops

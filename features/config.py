@@ -1,0 +1,102 @@
+"""The extraction config: everything that changes the features, hashed to key the store."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from features.pooling import POOLINGS
+
+# Bump when the meaning of stored features changes without any config field changing.
+FEATURE_FORMAT_VERSION = 1
+
+# Recorded for people but left out of the hash: they do not change a single number (the
+# weights are identified by their file hash, whichever way the user named the file).
+_DESCRIPTIVE = ("weights", "weights_file", "package_version")
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Full, resolved description of how a feature store was made.
+
+    Parameters
+    ----------
+    backbone : registry name (see ``features.backbones.BACKBONES``).
+    weights : ``"imagenet"``, ``"none"`` (random init seeded by ``seed``) or a file path.
+    weights_sha256 : hash of the weights file actually loaded (``None`` for ``"none"``).
+    augmentations, crops, crop_size : colour augmentations per image, crops per augmentation,
+        crop side in pixels after scaling.
+    scale : resize factor applied to each image before anything else.
+    pooling : how crop features become one vector per augmented image.
+    stain : Macenko state (``reference``, ``reference_sha256``, ``stain_matrix``,
+        ``max_concentrations``) or ``None`` to skip normalisation.
+    seed : root of every random draw.
+    color_gain, color_shift : ranges of the colour augmentation (``features.augment``).
+    """
+
+    backbone: str = "efficientnet_lite0"
+    weights: str = "imagenet"
+    weights_sha256: str | None = None
+    weights_file: str | None = None
+    augmentations: int = 40
+    crops: int = 20
+    crop_size: int = 750
+    scale: float = 0.5
+    pooling: str = "mean"
+    stain: dict | None = None
+    seed: int = 0
+    color_gain: float = 0.1
+    color_shift: float = 20.0
+    feature_format: int = FEATURE_FORMAT_VERSION
+    package_version: str = field(default_factory=lambda: _package_version())
+
+    def __post_init__(self):
+        checks = [
+            (self.augmentations >= 1, "augmentations must be >= 1"),
+            (self.crops >= 1, "crops must be >= 1"),
+            (self.crop_size >= 16, "crop_size must be >= 16 pixels"),
+            (0 < self.scale <= 4, "scale must be in (0, 4]"),
+            (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}"),
+            (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),
+            (0 <= self.color_shift <= 128, "color_shift must be in [0, 128]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid extraction config: {message}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, record: dict) -> "ExtractionConfig":
+        """Rebuild from ``config.json``; unknown keys are an error (another version made it)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(record) - known - {"config_hash"})
+        if unknown:
+            raise ValueError(
+                f"config has fields this version does not know: {unknown}; it was written by "
+                f"another version of the package ({record.get('package_version', '?')})"
+            )
+        return cls(**{k: v for k, v in record.items() if k in known})
+
+    def hashed_dict(self) -> dict:
+        return {k: v for k, v in self.to_dict().items() if k not in _DESCRIPTIVE}
+
+    @property
+    def config_hash(self) -> str:
+        canonical = json.dumps(self.hashed_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def store_name(self) -> str:
+        """Directory name of this config inside a store root."""
+        return f"{self.backbone}-{self.config_hash[:12]}"
+
+
+def _package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("breast-histology-pipeline")
+    except Exception:  # running from a source tree that is not installed
+        return "0+unknown"

@@ -1,0 +1,371 @@
+"""Feature extraction: images -> stain normalisation -> colour augmentations -> crops -> CNN.
+
+A background thread reads, scales, normalises and crops images while the main thread runs
+the backbone, through a bounded queue, so decoding overlaps inference and peak memory holds a
+few augmentations' crops whatever the number of images.  Batches have a fixed shape and never
+mix images (the last batch of an image is zero-padded): one compiled graph per crop side, and an
+image's features do not depend on which images were run before it, so a resumed run equals an
+uninterrupted one bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from data.io import ImageReadError, read_image
+from features.augment import ColorAugmentation, augmented_crops
+from features.backbones import file_sha256, get_backbone, resolve_weights
+from features.config import ExtractionConfig
+from features.pooling import pool_features
+from features.stain import MacenkoNormalizer, StainNormalizationError
+from features.store import FeatureStore, FeatureTable, make_record
+
+log = logging.getLogger(__name__)
+
+# How many images the stain reference is chosen among (spread over the dataset).
+REFERENCE_CANDIDATES = 16
+
+
+def scale_image(image: np.ndarray, scale: float) -> np.ndarray:
+    """Resize by ``scale`` (area averaging when shrinking, as it does not alias)."""
+    if scale == 1.0:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * scale)), max(1, round(h * scale)))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+    return cv2.resize(image, size, interpolation=interp)
+
+
+def fit_stain_reference(
+    dataset: pd.DataFrame, scale: float, reference: str | Path | None = None
+) -> dict:
+    """Fit Macenko to a reference image and return the ``stain`` entry of the config.
+
+    With ``reference=None`` the reference is chosen from the data: among up to
+    ``REFERENCE_CANDIDATES`` images spread evenly over the dataset, the medoid of their stain
+    matrices (the most typical staining), so no single odd slide sets the target.
+    """
+    if reference is not None:
+        image = scale_image(read_image(reference), scale)
+        try:
+            normalizer = MacenkoNormalizer().fit(image)
+        except StainNormalizationError as exc:
+            raise StainNormalizationError(
+                f"stain reference '{reference}' cannot be used: {exc.reason}"
+            ) from exc
+        ref_name, ref_path = str(reference), Path(reference)
+    else:
+        picks = np.unique(np.linspace(0, len(dataset) - 1, REFERENCE_CANDIDATES).round().astype(int))
+        fitted = []
+        for i in picks:
+            row = dataset.iloc[i]
+            try:
+                fitted.append((row, MacenkoNormalizer().fit(scale_image(read_image(row.path), scale))))
+            except (ImageReadError, StainNormalizationError) as exc:
+                log.info("not a stain reference candidate: %s (%s)", row.image_id, exc)
+        if not fitted:
+            raise StainNormalizationError(
+                "no image of the dataset can serve as Macenko reference; give one with "
+                "--stain-reference or disable normalisation with --stain-reference none"
+            )
+        vectors = np.stack([n.stain_matrix.ravel() for _, n in fitted])
+        distances = np.linalg.norm(vectors[:, None] - vectors[None], axis=-1).sum(axis=1)
+        row, normalizer = fitted[int(np.argmin(distances))]
+        ref_name, ref_path = str(row.image_id), Path(row.path)
+    return {
+        "method": "macenko",
+        "reference": ref_name,
+        "reference_sha256": file_sha256(ref_path),
+        **normalizer.params(),
+    }
+
+
+def make_config(
+    dataset: pd.DataFrame | None = None,
+    *,
+    backbone: str = "efficientnet_lite0",
+    weights: str | None = "imagenet",
+    stain_reference: str | None = "auto",
+    **options,
+) -> ExtractionConfig:
+    """Resolve user options into a full :class:`ExtractionConfig`.
+
+    Fails fast, before any image is processed: unknown backbone, missing weights file,
+    unusable stain reference.  ``stain_reference`` is ``"auto"`` (chosen from ``dataset``),
+    ``"none"`` (no normalisation) or an image path.
+    """
+    spec = get_backbone(backbone)
+    weights_file = resolve_weights(spec, weights)
+    scale = options.get("scale", ExtractionConfig.scale)
+    if stain_reference is None or str(stain_reference).lower() == "none":
+        stain = None
+    elif str(stain_reference).lower() == "auto":
+        if dataset is None or len(dataset) == 0:
+            raise ValueError("stain_reference='auto' needs the dataset to choose from")
+        stain = fit_stain_reference(dataset, scale)
+    else:
+        stain = fit_stain_reference(dataset, scale, reference=stain_reference)
+    return ExtractionConfig(
+        backbone=backbone,
+        weights="none" if weights_file is None else str(weights),
+        weights_sha256=None if weights_file is None else file_sha256(weights_file),
+        weights_file=None if weights_file is None else str(weights_file),
+        stain=stain,
+        **options,
+    )
+
+
+def describe_device() -> str:
+    """Which device TensorFlow will run the backbone on; logged so a GPU run is never silent."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:
+        return f"GPU ({', '.join(g.name for g in gpus)})"
+    return "CPU (TensorFlow sees no GPU)"
+
+
+class FeatureExtractor:
+    """Runs one backbone on crops in fixed-shape batches through one compiled graph per shape.
+
+    Parameters
+    ----------
+    config : the resolved extraction config.
+    batch_size : crops per forward pass; the last batch of an image is zero-padded.
+    """
+
+    def __init__(self, config: ExtractionConfig, batch_size: int = 8):
+        import keras
+        import tensorflow as tf
+
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+        self.config, self.batch_size = config, batch_size
+        self.spec = get_backbone(config.backbone)
+        weights_file = resolve_weights(self.spec, config.weights)
+        if weights_file is not None and file_sha256(weights_file) != config.weights_sha256:
+            raise ValueError(
+                f"weights file {weights_file} differs from the one this config was made with "
+                f"(sha256 {config.weights_sha256}); features would not be comparable"
+            )
+        keras.utils.set_random_seed(config.seed)  # random-init backbones are reproducible
+        self.model = self.spec.build(weights_file)
+        self.device = describe_device()
+        log.info("backbone %s runs on %s", config.backbone, self.device)
+        self._forward = tf.function(lambda x: self.model(x, training=False))
+
+    def check_side(self, side: int) -> None:
+        if side < self.spec.min_input:
+            raise ValueError(
+                f"crop side {side} is below {self.spec.name}'s minimum input {self.spec.min_input}"
+            )
+
+    def run_batch(self, crops: np.ndarray) -> np.ndarray:
+        """Up to ``batch_size`` uint8 crops -> ``(n, feature_dim)``, zero-padding the batch."""
+        n, side = len(crops), crops.shape[1]
+        batch = np.zeros((self.batch_size, side, side, 3), dtype=np.float32)
+        batch[:n] = crops
+        return np.asarray(self._forward(self.spec.preprocess(batch)))[:n].astype(np.float32)
+
+    def features(self, crops: np.ndarray) -> np.ndarray:
+        """``(n, side, side, 3)`` uint8 crops of one image -> ``(n, feature_dim)`` float32."""
+        batcher = ImageBatcher(self)
+        batcher.add(crops)
+        return batcher.finish()
+
+
+class ImageBatcher:
+    """Collects one image's crops across augmentations into full batches; pads only the last."""
+
+    def __init__(self, extractor: FeatureExtractor):
+        self.extractor, self.pending, self.done = extractor, [], []
+
+    def add(self, crops: np.ndarray) -> None:
+        self.extractor.check_side(crops.shape[1])
+        self.pending.extend(crops)
+        size = self.extractor.batch_size
+        while len(self.pending) >= size:
+            self.done.append(self.extractor.run_batch(np.stack(self.pending[:size])))
+            del self.pending[:size]
+
+    def finish(self) -> np.ndarray:
+        if self.pending:
+            self.done.append(self.extractor.run_batch(np.stack(self.pending)))
+            self.pending = []
+        return np.concatenate(self.done)
+
+
+@dataclass
+class ExtractionSummary:
+    """What a run did: images done now, already done before, skipped (with reasons)."""
+
+    store_path: Path | None = None
+    done: list[str] = field(default_factory=list)
+    cached: list[str] = field(default_factory=list)
+    skipped: list[dict] = field(default_factory=list)
+    unnormalized: list[dict] = field(default_factory=list)
+    crops: int = 0
+    seconds: float = 0.0
+    device: str = ""
+
+    @property
+    def crops_per_second(self) -> float:
+        return self.crops / self.seconds if self.seconds > 0 else 0.0
+
+
+_END = object()
+
+
+def _prepare(row, config: ExtractionConfig, normalizer, color, out: queue.Queue, stop):
+    """Producer for one image: puts ('aug', i, crops) items, then ('end', note) or ('error')."""
+    try:
+        image = scale_image(read_image(row.path), config.scale)
+    except ImageReadError as exc:
+        out.put(("error", exc.reason))
+        return
+    note = None
+    if normalizer is not None:
+        image, note = normalizer.transform_or_keep(image)
+    for aug in range(config.augmentations):
+        if stop.is_set():
+            return
+        crops = augmented_crops(
+            image, seed=config.seed, image_id=row.image_id, aug_index=aug,
+            n_crops=config.crops, crop_size=config.crop_size, color=color,
+        )
+        out.put(("aug", aug, crops))
+    out.put(("end", note))
+
+
+def _producer(rows, config, out: queue.Queue, stop: threading.Event):
+    normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
+    color = ColorAugmentation(config.color_gain, config.color_shift)
+    try:
+        for row in rows:
+            if stop.is_set():
+                break
+            out.put(("start", row))
+            _prepare(row, config, normalizer, color, out, stop)
+    except BaseException as exc:  # surface unexpected failures in the main thread
+        out.put(("fatal", exc))
+    finally:
+        out.put(_END)
+
+
+def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtractor,
+                        summary: ExtractionSummary, prefetch: int = 4):
+    """Yield ``(row, features (n_aug, dim), stain_note)`` per readable image, in order.
+
+    Unreadable images are appended to ``summary.skipped`` and not yielded.
+    """
+    items: queue.Queue = queue.Queue(maxsize=prefetch)
+    stop = threading.Event()
+    thread = threading.Thread(target=_producer, args=(rows, config, items, stop), daemon=True)
+    thread.start()
+    row, batcher = None, None
+    try:
+        while (item := items.get()) is not _END:
+            kind = item[0]
+            if kind == "start":
+                row, batcher = item[1], ImageBatcher(extractor)
+            elif kind == "aug":
+                batcher.add(item[2])
+                summary.crops += len(item[2])
+            elif kind == "end":
+                crop_features = batcher.finish().reshape(config.augmentations, config.crops, -1)
+                pooled = np.stack([pool_features(f, config.pooling) for f in crop_features])
+                yield row, pooled, item[1]
+            elif kind == "error":
+                summary.skipped.append({"image_id": row.image_id, "path": row.path, "reason": item[1]})
+                log.warning("skipped %s: %s", row.path, item[1])
+            elif kind == "fatal":
+                raise item[1]
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get(timeout=0.1)
+            except queue.Empty:
+                pass
+
+
+def extract_to_store(
+    dataset: pd.DataFrame,
+    config: ExtractionConfig,
+    store_root: Path | str,
+    *,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> ExtractionSummary:
+    """Extract every image of ``dataset`` not yet in the store; resumable and atomic per image.
+
+    ``dataset`` has columns ``image_id, path, label, group`` (``data.datasets.load_dataset``).
+    """
+    store = FeatureStore(store_root, config).open()
+    summary = ExtractionSummary(store_path=store.path)
+    todo, hashes = [], {}
+    for row in dataset.itertuples(index=False):
+        try:
+            hashes[row.image_id] = file_sha256(row.path)
+        except OSError as exc:
+            summary.skipped.append({"image_id": row.image_id, "path": row.path, "reason": str(exc)})
+            continue
+        if store.is_done(row.image_id, hashes[row.image_id]):
+            store.update_meta(row.image_id, row.label, row.group, row.path)
+            summary.cached.append(row.image_id)
+        else:
+            todo.append(row)
+    log.info("%d images to extract, %d already in %s", len(todo), len(summary.cached), store.path)
+    if todo:
+        extractor = FeatureExtractor(config, batch_size=batch_size)
+        summary.device = extractor.device
+        start = time.perf_counter()
+        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=config.backbone)
+        for row, feats, note in iter_image_features(todo, config, extractor, summary):
+            store.write(make_record(
+                image_id=row.image_id, label=row.label, group=row.group, path=row.path,
+                source_sha256=hashes[row.image_id], features=feats, stain_note=note,
+            ))
+            summary.done.append(row.image_id)
+            if note:
+                summary.unnormalized.append({"image_id": row.image_id, "reason": note})
+            summary.seconds = time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(crops_per_s=f"{summary.crops_per_second:.1f}")
+        bar.close()
+        summary.seconds = time.perf_counter() - start
+    store.write_skipped(summary.skipped)
+    return summary
+
+
+def extract_in_memory(
+    dataset: pd.DataFrame, config: ExtractionConfig, *, batch_size: int = 8,
+    progress: bool = False,
+) -> tuple[FeatureTable, ExtractionSummary]:
+    """Extract features without a store (prediction on new images)."""
+    extractor = FeatureExtractor(config, batch_size=batch_size)
+    summary = ExtractionSummary(device=extractor.device)
+    rows, blocks = [], []
+    start = time.perf_counter()
+    rows_in = list(dataset.itertuples(index=False))
+    for row, feats, note in tqdm(iter_image_features(rows_in, config, extractor, summary),
+                                 total=len(rows_in), disable=not progress, unit="img"):
+        for aug in range(len(feats)):
+            rows.append((row.image_id, row.label, row.group, aug, row.path, note))
+        blocks.append(feats)
+        if note:
+            summary.unnormalized.append({"image_id": row.image_id, "reason": note})
+    summary.seconds = time.perf_counter() - start
+    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path", "stain_note"])
+    X = np.concatenate(blocks) if blocks else np.zeros((0, extractor.spec.feature_dim), np.float32)
+    record = {**config.to_dict(), "config_hash": config.config_hash}
+    return FeatureTable(meta=meta, X=X, config=record), summary
