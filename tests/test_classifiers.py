@@ -34,9 +34,9 @@ def _blobs(n_per_class=20, n_features=5, classes=("benign", "insitu", "invasive"
 
 def test_xgboost_classifier_follows_sklearn_api():
     X, y = _blobs()
-    clf = XGBoostFeatureClassifier(n_estimators=30, device="cpu")
+    clf = XGBoostFeatureClassifier(n_estimators=30, device="cpu", n_jobs=1)
     params = clf.get_params()
-    assert params["n_estimators"] == 30 and params["max_depth"] == 3 and params["n_jobs"] == 2
+    assert params["n_estimators"] == 30 and params["max_depth"] == 3 and params["n_jobs"] == 1
     fitted = clone(clf).fit(X, y)
     assert fitted.classes_.tolist() == ["benign", "insitu", "invasive"]
     proba = fitted.predict_proba(X)
@@ -52,7 +52,7 @@ def test_xgboost_classifier_passes_sklearn_estimator_checks():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        results = check_estimator(XGBoostFeatureClassifier(n_estimators=5, device="cpu"), on_fail=None)
+        results = check_estimator(XGBoostFeatureClassifier(n_estimators=5, device="cpu", n_jobs=1), on_fail=None)
     failed = [r["check_name"] for r in results if r["status"] == "failed"]
     assert failed == []
 
@@ -66,8 +66,8 @@ def test_xgboost_defaults_are_the_documented_ones():
 
 def test_xgboost_is_seeded():
     X, y = _blobs(seed=1)
-    a = XGBoostFeatureClassifier(n_estimators=20, device="cpu", random_state=3).fit(X, y).predict_proba(X)
-    b = XGBoostFeatureClassifier(n_estimators=20, device="cpu", random_state=3).fit(X, y).predict_proba(X)
+    a = XGBoostFeatureClassifier(n_estimators=20, device="cpu", random_state=3, n_jobs=1).fit(X, y).predict_proba(X)
+    b = XGBoostFeatureClassifier(n_estimators=20, device="cpu", random_state=3, n_jobs=1).fit(X, y).predict_proba(X)
     np.testing.assert_array_equal(a, b)
 
 
@@ -90,12 +90,12 @@ def test_xgboost_rejects_bad_params(params, message):
 def test_xgboost_rejects_bad_data():
     X, y = _blobs(n_per_class=5)
     with pytest.raises(ValueError, match="one class"):
-        XGBoostFeatureClassifier(device="cpu").fit(X, np.full(len(y), "benign"))
+        XGBoostFeatureClassifier(device="cpu", n_jobs=1).fit(X, np.full(len(y), "benign"))
     X_nan = X.copy()
     X_nan[0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
-        XGBoostFeatureClassifier(device="cpu").fit(X_nan, y)
-    fitted = XGBoostFeatureClassifier(n_estimators=5, device="cpu").fit(X, y)
+        XGBoostFeatureClassifier(device="cpu", n_jobs=1).fit(X_nan, y)
+    fitted = XGBoostFeatureClassifier(n_estimators=5, device="cpu", n_jobs=1).fit(X, y)
     with pytest.raises(ValueError, match="features"):
         fitted.predict_proba(X[:, :3])
 
@@ -125,7 +125,7 @@ def test_device_auto_reports_what_it_chose():
     assert choice.device in ("cpu", "cuda") and choice.reason
     # The probe reads back the device the booster really used; it agrees with a real fit.
     X, y = _blobs(n_per_class=5)
-    assert XGBoostFeatureClassifier(n_estimators=2, device=choice.device).fit(X, y).device_.startswith(choice.device)
+    assert XGBoostFeatureClassifier(n_estimators=2, device=choice.device, n_jobs=1).fit(X, y).device_.startswith(choice.device)
 
 
 def test_device_cuda_without_gpu_raises(monkeypatch):

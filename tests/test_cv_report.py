@@ -17,6 +17,9 @@ from features.store import FeatureTable
 
 BACH4 = class_names("bach4")
 LOGREG = CVConfig(classifiers=("logreg",))  # the fast classifier, for tests about plumbing
+# One XGBoost thread in tests: the 2 cores are shared, and OpenMP threads stall badly when
+# oversubscribed; the production default stays n_jobs=2.
+THREADS = {"n_jobs": 1}
 
 
 def synthetic_table(
@@ -71,7 +74,7 @@ def _run(result, name):
 
 
 def test_separable_features_give_near_perfect_accuracy():
-    result = _cv([synthetic_table()], CVConfig(n_folds=6, seed=0))
+    result = _cv([synthetic_table()], CVConfig(n_folds=6, seed=0, **THREADS))
     assert [r.spec.name for r in result.runs] == ["xgboost", "logreg"]
     for run in result.runs:
         predictions = run.predictions
@@ -85,7 +88,7 @@ def test_random_features_give_chance_accuracy():
     # two-sided false alarm at ~5e-4 while still catching leakage or label bugs, which give
     # accuracies far above 0.39.
     table = synthetic_table((30, 30, 30, 30), signal=0.0, seed=3)
-    result = _cv([table], CVConfig(classifiers=("xgboost", "logreg"), n_folds=6, seed=3))
+    result = _cv([table], CVConfig(classifiers=("xgboost", "logreg"), n_folds=6, seed=3, **THREADS))
     for run in result.runs:
         accuracy = (run.predictions["truth"] == run.predictions["prediction"]).mean()
         assert abs(accuracy - 0.25) <= 0.14, (run.spec.name, accuracy)
@@ -233,7 +236,7 @@ def report(tmp_path_factory):
     """A bmc3 report of both classifiers on weakly separable data (so there are errors)."""
     out = tmp_path_factory.mktemp("report")
     table = synthetic_table((9, 12, 12, 12), signal=1.2, seed=11, patients=lambda i: f"p{i // 2:02d}")
-    result = _cv([table], CVConfig(scheme="bmc3", n_folds=5, seed=4))
+    result = _cv([table], CVConfig(scheme="bmc3", n_folds=5, seed=4, **THREADS))
     written = write_report(result, out)
     return out, result, written
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pickle
-import time
 from pathlib import Path
 
 import numpy as np
@@ -470,10 +469,8 @@ def test_tumour_region_paints_invasive_tissue():
         make_image("normal", np.random.default_rng(1), (64, 64), tumour_region=(70, 0, 90, 10))
 
 
-def test_write_dataset_is_deterministic_and_fast(tmp_path, synthetic_dir):
-    start = time.perf_counter()
+def test_write_dataset_is_deterministic(tmp_path, synthetic_dir):
     again = write_dataset(tmp_path / "again", n_per_class=4, size=(192, 256), seed=0, groups=True)
-    assert time.perf_counter() - start < 5.0  # typically ~0.3 s; loose bound for busy CI
     files = sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
     assert files == sorted(p.relative_to(synthetic_dir) for p in synthetic_dir.rglob("*") if p.is_file())
     assert len(files) == 17  # 16 images + manifest
