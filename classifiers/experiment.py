@@ -19,6 +19,7 @@ on all data (the final model).
 from __future__ import annotations
 
 import logging
+import numbers
 import time
 from dataclasses import dataclass, field
 
@@ -28,7 +29,7 @@ from sklearn.base import clone
 
 from classifiers.dataset import CVDataset, InputDataError
 from classifiers.folds import assign_folds
-from classifiers.models import CLASSIFIER_NAMES, DeviceChoice, make_classifier, resolve_xgboost_device
+from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES, DeviceChoice, make_classifier, resolve_xgboost_device
 from classifiers.voting import vote
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,12 @@ class CVConfig:
     device: str = "auto"
 
     def validate(self) -> None:
-        """Raise ``ValueError`` on unknown classifier or fusion names."""
+        """Raise ``ValueError`` on unknown names or out-of-range numbers."""
+        for name, value, minimum in (("n_folds", self.n_folds, 2), ("n_jobs", self.n_jobs, 1), ("seed", self.seed, 0)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+                raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        if self.device not in DEVICE_CHOICES:
+            raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if not self.classifiers:
             raise ValueError(f"no classifier selected; choose from {CLASSIFIER_NAMES}")
         for name in self.classifiers:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import numbers
+import re
 import warnings
 from dataclasses import dataclass
 
@@ -97,7 +98,9 @@ def probe_xgboost_gpu() -> DeviceChoice:
     used = _booster_device(booster)
     if used.startswith("cuda"):
         return DeviceChoice("cuda", f"xgboost probe trained on {used}")
-    detail = "; ".join(str(w.message).strip() for w in caught) or "no detail"
+    # "[21:34:56] WARNING: /src/context.cc:53: No visible GPU ..." -> "No visible GPU ..."
+    messages = [re.sub(r"^\[[\d:]+\]\s*WARNING:\s*\S+:\d+:\s*", "", str(w.message).strip()) for w in caught]
+    detail = messages[0] if messages else "no detail"
     return DeviceChoice("cpu", f"xgboost has CUDA support but no visible GPU ({detail})")
 
 
@@ -174,6 +177,9 @@ class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
         L2 penalty on leaf weights (XGBoost's default).
     n_jobs : int, default=2
         CPU threads; explicit so runs on shared machines are predictable.
+        On cores shared with other jobs, run with ``OMP_WAIT_POLICY=PASSIVE``
+        (``pipeline.cv_report`` sets it): busy-waiting OpenMP threads made
+        small multi-threaded fits ~100x slower in our measurements.
     random_state : int, default=0
         Seed for XGBoost's row/column subsampling.
     device : {"auto", "cpu", "cuda"}, default="auto"

@@ -25,6 +25,7 @@ import html
 import io
 import json
 import platform
+import re
 from pathlib import Path
 
 import numpy as np
@@ -176,6 +177,11 @@ def _summary_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _fmt(value) -> str:
+    """Three decimals; JSON null (undefined) as n/a."""
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _html_table(frame: pd.DataFrame, index: bool = False) -> str:
     return frame.to_html(index=index, float_format=lambda v: f"{v:.3f}", na_rep="n/a", border=0, classes="t")
 
@@ -195,7 +201,7 @@ h2{border-bottom:1px solid #999;margin-top:2em}
 """
 
 
-def _html(summary: dict, result: CVResult, pictures: dict) -> str:
+def _html(summary: dict, pictures: dict) -> str:
     esc = html.escape
     cfg = summary["config"]
     device = summary["device"]
@@ -228,7 +234,7 @@ def _html(summary: dict, result: CVResult, pictures: dict) -> str:
             f"<h2>Run {esc(name)}</h2>",
             f"<p>classifier {esc(r['classifier'])}, fusion {esc(r['fusion'])}, stores {esc(' + '.join(r['stores']))}; "
             f"accuracy {maj['accuracy']:.3f} (majority), {r['mean_proba']['accuracy']:.3f} (mean probability); "
-            f"folds {maj['fold_accuracy_mean']:.3f} &plusmn; {maj['fold_accuracy_sd'] or float('nan'):.3f}.</p>",
+            f"folds {maj['fold_accuracy_mean']:.3f} &plusmn; {_fmt(maj['fold_accuracy_sd'])}.</p>",
             "<h3>Confusion matrix (majority voting; rows truth, columns predicted)</h3>",
             _html_table(_confusion_frame(maj["confusion"]), index=True),
             "<h3>Per class</h3>",
@@ -242,14 +248,19 @@ def _html(summary: dict, result: CVResult, pictures: dict) -> str:
             _img(pictures[name]["roc"], f"ROC {name}"),
             "</div>",
             "<p>AUC (one-vs-rest, image-level mean probabilities): "
-            + ", ".join(f"{esc(c)} {('n/a' if v is None else f'{v:.3f}')}" for c, v in r["roc_auc"]["per_class"].items())
-            + f"; macro {('n/a' if r['roc_auc']['macro'] is None else format(r['roc_auc']['macro'], '.3f'))}.</p>",
+            + ", ".join(f"{esc(c)} {_fmt(v)}" for c, v in r["roc_auc"]["per_class"].items())
+            + f"; macro {_fmt(r['roc_auc']['macro'])}.</p>",
         ]
     parts += ["<h2>Conventions</h2><ul>"]
     parts += [f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in summary["conventions"].items()]
     parts += ["</ul>", "<p class='note'>Fold of every image: folds.csv; per-image predictions: predictions.csv.</p>",
               "</body></html>"]
     return "\n".join(parts)
+
+
+def run_directory(name: str) -> str:
+    """File-system safe directory name of a run (run names come from store names)."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
 
 def write_report(result: CVResult, out_dir) -> dict:
@@ -288,7 +299,7 @@ def write_report(result: CVResult, out_dir) -> dict:
     classes = list(result.dataset.classes)
     for run in result.runs:
         name, r = run.spec.name, summary["runs"][run.spec.name]
-        run_dir = out / name
+        run_dir = out / run_directory(name)
         maj = r["majority"]
         save(run_dir / "confusion.csv", _confusion_frame(maj["confusion"]).to_csv())
         save(run_dir / "confusion_mean_proba.csv", _confusion_frame(r["mean_proba"]["confusion"]).to_csv())
@@ -300,5 +311,5 @@ def write_report(result: CVResult, out_dir) -> dict:
         }
         save(run_dir / "confusion.png", pictures[name]["confusion"])
         save(run_dir / "roc.png", pictures[name]["roc"])
-    save(out / "report.html", _html(summary, result, pictures))
+    save(out / "report.html", _html(summary, pictures))
     return {"summary": summary, "files": [str(p) for p in written]}

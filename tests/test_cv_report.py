@@ -147,6 +147,21 @@ def test_bach4_store_reported_as_bmc3_merges_normal_into_benign():
     assert set(dataset.meta["source_label"]) == set(BACH4)
 
 
+def test_absent_class_is_reported_not_modelled():
+    dataset = build_dataset([synthetic_table((8, 8, 0, 8))], "bach4")
+    assert dataset.classes == ("normal", "benign", "invasive")
+    assert dataset.absent_classes == ("insitu",)
+
+
+def test_config_validation_messages():
+    with pytest.raises(ValueError, match="unknown classifier 'svm'"):
+        CVConfig(classifiers=("svm",)).validate()
+    with pytest.raises(ValueError, match="unknown fusion 'max'"):
+        CVConfig(fusion=("max",)).validate()
+    with pytest.raises(ValueError, match="n_folds must be an integer >= 2"):
+        CVConfig(n_folds=1).validate()
+
+
 # --- fusion -----------------------------------------------------------------------------------
 
 

@@ -1,0 +1,165 @@
+"""``python -m pipeline.two_stage``: train and apply the two-stage CNN (Nazeri et al. 2018).
+
+::
+
+    python -m pipeline.two_stage train --data DIR_OR_CSV --out MODEL_DIR [options]
+    python -m pipeline.two_stage predict --model MODEL_DIR IMAGE_OR_DIR ... [--out predictions.csv]
+
+Training checkpoints every finished epoch under ``MODEL_DIR/checkpoints``; rerunning the same
+command after an interruption resumes from the last finished epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from classifiers.two_stage import METHODS, TwoStageConfig
+from data.labels import SCHEMES
+
+log = logging.getLogger("pipeline.two_stage")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = TwoStageConfig
+    p = argparse.ArgumentParser(prog="python -m pipeline.two_stage",
+                                description="Two-stage CNN trained from scratch (Nazeri et al. 2018).")
+    sub = p.add_subparsers(dest="command", required=True)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", formatter_class=fmt, help="train both networks and save the model",
+                       description="Train the patch-wise, then the image-wise network; checkpoints "
+                       "go to OUT/checkpoints and a rerun resumes from the last finished epoch.")
+    t.add_argument("--data", required=True, help="folder of class folders or CSV manifest path,label[,group]")
+    t.add_argument("--out", required=True, type=Path, help="model directory")
+    t.add_argument("--scheme", default=d.scheme, choices=sorted(SCHEMES), help="label scheme")
+    t.add_argument("--patch-size", type=int, default=d.patch_size, help="patch side k (multiple of 32)")
+    t.add_argument("--stride", type=int, default=d.stride, help="patch stride for the patch-wise network")
+    t.add_argument("--scale", type=float, default=d.scale, help="resize factor applied to images first")
+    t.add_argument("--channels", type=int, default=d.channels, help="maps per patch (C)")
+    t.add_argument("--width", type=int, default=d.patch_width, help="first-block channels, patch-wise network")
+    t.add_argument("--image-width", type=int, default=d.image_width, help="first-block channels, image-wise network")
+    t.add_argument("--head", default=d.patch_head, choices=("flatten", "gap"),
+                   help="patch-wise training head: the authors' flatten + dense, or global average "
+                   "pooling + dense")
+    t.add_argument("--epochs", type=int, default=d.epochs, help="patch-wise epochs")
+    t.add_argument("--image-epochs", type=int, default=d.image_epochs, help="maximum image-wise epochs")
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
+    t.add_argument("--lr", type=float, default=d.learning_rate, help="Adam learning rate")
+    t.add_argument("--lr-decay", type=float, default=d.lr_decay, help="learning-rate factor per step")
+    t.add_argument("--lr-decay-every", type=int, default=d.lr_decay_every, help="epochs per step")
+    t.add_argument("--patch-copies", type=int, default=d.patch_copies,
+                   help="augmented copies of each patch per epoch (16: 8 rotations/flips x plain/colour)")
+    t.add_argument("--image-copies", type=int, default=d.image_copies,
+                   help="augmented views of each image for the image-wise network")
+    t.add_argument("--color-jitter", type=float, default=d.color_jitter,
+                   help="saturation/contrast/brightness factors in U(1-x, 1+x)")
+    t.add_argument("--val-fraction", type=float, default=d.val_fraction,
+                   help="training images held out for validation and early stopping (0: none)")
+    t.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience (image-wise)")
+    t.add_argument("--stain-reference", default="none",
+                   help="Macenko reference image, 'auto' (most typical dataset image) or 'none'")
+    t.add_argument("--cache-mb", type=float, default=d.cache_mb, help="memory for decoded training images")
+    t.add_argument("--seed", type=int, default=d.seed, help="root of all random draws")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    r = sub.add_parser("predict", formatter_class=fmt, help="classify images with a trained model")
+    r.add_argument("--model", required=True, type=Path, help="model directory written by 'train'")
+    r.add_argument("images", nargs="+", help="image files, folders (searched recursively) or CSV manifests")
+    r.add_argument("--out", type=Path, help="write the predictions to this CSV file")
+    r.add_argument("--method", default="two_stage", choices=METHODS + ("all",),
+                   help="two networks jointly, or a patch-fusion baseline on the patch-wise network")
+    r.add_argument("--no-ensemble", action="store_true", help="single pass instead of 8 rotations/flips")
+    return p
+
+
+def train(args) -> int:
+    from classifiers.two_stage import TwoStageModel
+    from data.datasets import load_dataset
+
+    dataset = load_dataset(args.data, scheme=args.scheme)
+    stain = None
+    if args.stain_reference.lower() != "none":
+        from features.extract import fit_stain_reference
+
+        reference = None if args.stain_reference.lower() == "auto" else args.stain_reference
+        stain = fit_stain_reference(dataset, args.scale, reference)
+    config = TwoStageConfig(
+        scheme=args.scheme, patch_size=args.patch_size, stride=args.stride, scale=args.scale,
+        channels=args.channels, patch_width=args.width, image_width=args.image_width,
+        patch_head=args.head, epochs=args.epochs, image_epochs=args.image_epochs,
+        batch_size=args.batch_size, learning_rate=args.lr, lr_decay=args.lr_decay,
+        lr_decay_every=args.lr_decay_every, patch_copies=args.patch_copies,
+        image_copies=args.image_copies, color_jitter=args.color_jitter,
+        val_fraction=args.val_fraction, patience=args.patience, cache_mb=args.cache_mb,
+        stain=stain, seed=args.seed,
+    )
+    log.info("training on %d images (%s) into %s", len(dataset), args.scheme, args.out)
+    model = TwoStageModel(config)
+    try:
+        model.fit(dataset, checkpoint_dir=args.out / "checkpoints", progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"interrupted; rerun the same command to resume from the last finished epoch "
+              f"(checkpoints in {args.out / 'checkpoints'})", file=sys.stderr)
+        return 130
+    model.save(args.out)
+    print(train_report(model, args.out))
+    return 0
+
+
+def train_report(model, out: Path) -> str:
+    """End-of-training summary: grid, epochs run, last and best validation accuracy."""
+    lines = [f"model saved to {out} (patch grid {model.grid_[0]}x{model.grid_[1]}, "
+             f"classes {', '.join(model.classes_)})"]
+    for stage in ("patch", "image"):
+        history = model.history_[stage]
+        last = history[-1]
+        text = f"{stage}-wise network: {len(history)} epochs, last loss {last['loss']:.4f}"
+        if last["val_accuracy"] is not None:
+            best = max(h["val_accuracy"] for h in history)
+            text += f", val accuracy last {last['val_accuracy']:.3f} / best {best:.3f}"
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def predict(args) -> int:
+    from classifiers.two_stage import TwoStageModel, collect_images, predict_table
+
+    model = TwoStageModel.load(args.model)
+    images = collect_images(args.images)
+    methods = METHODS if args.method == "all" else (args.method,)
+    table, skipped = predict_table(model, images, methods, ensemble=False if args.no_ensemble else None)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+    if len(table):
+        shown = ["path", *methods] + (["label"] if (table["label"] != "").any() else [])
+        print(table[shown].to_string(index=False))
+        labelled = table[table["label"] != ""]
+        for m in methods:
+            if len(labelled):
+                print(f"{m} accuracy on {len(labelled)} labelled image(s): "
+                      f"{(labelled[m] == labelled['label']).mean():.3f}")
+    for item in skipped:
+        print(f"skipped: {item['path']}: {item['reason']}", file=sys.stderr)
+    if args.out is not None:
+        print(f"predictions written to {args.out}")
+    return 0 if not skipped else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from data.datasets import DatasetError
+    from data.io import ImageReadError
+
+    try:
+        return train(args) if args.command == "train" else predict(args)
+    except (DatasetError, ImageReadError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
