@@ -460,13 +460,13 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
                 items.append((f"<array {i}>", lambda a=item, n=f"<array {i}>": self.preprocess(a, n)))
         return items
 
-    def _grid_of(self, image: np.ndarray, name: str) -> tuple[int, int]:
+    def _grid_of(self, image: np.ndarray) -> tuple[int, int]:
         """The image's non-overlapping grid, portrait turned landscape (``rows <= cols``)."""
         rows, cols = grid_shape(*image.shape[:2], self.cfg.patch_size, self.cfg.patch_size)
         return (min(rows, cols), max(rows, cols))
 
     def _check_grid(self, image: np.ndarray, name: str) -> None:
-        if self._grid_of(image, name) != tuple(self.grid_):
+        if self._grid_of(image) != tuple(self.grid_):
             k, (r, c) = self.cfg.patch_size, self.grid_
             rows, cols = grid_shape(*image.shape[:2], k, k)
             raise TwoStageInputError(
@@ -535,7 +535,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         images = training.ImageCache(X["path"].tolist(), self.load_image, cfg.cache_mb)
         grids = {}
         for i, name in enumerate(names):
-            grids.setdefault(self._grid_of(images.get(i), name), []).append(name)
+            grids.setdefault(self._grid_of(images.get(i)), []).append(name)
         if len(grids) > 1:
             detail = "; ".join(f"{r}x{c}: {len(v)} image(s), e.g. '{v[0]}'" for (r, c), v in grids.items())
             raise TwoStageInputError(f"training images give different patch grids ({detail}); the "
@@ -663,6 +663,11 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         dict
             ``method -> (n_images, n_classes)`` array.
         """
+        scores = self._scores(X, methods, ensemble)
+        return {m: scores[m] for m in methods}
+
+    def _scores(self, X, methods, ensemble) -> dict[str, np.ndarray]:
+        """:meth:`predict_scores`, plus ``_sum`` (mean patch probabilities) with ``majority``."""
         check_is_fitted(self)
         unknown = sorted(set(methods) - set(METHODS))
         if unknown:
@@ -693,7 +698,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
 
     def predict(self, X, method: str = "two_stage", ensemble: bool | None = None) -> np.ndarray:
         """Predicted class names; majority-vote ties go to the larger summed probability."""
-        scores = self.predict_scores(X, [method], ensemble)
+        scores = self._scores(X, [method], ensemble)
         s = scores[method]
         if method == "majority":
             s = s + 1e-9 * scores["_sum"]  # < 1 vote / n_patches: only breaks ties
@@ -740,14 +745,12 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
             image = load()
             if pooling != "mean":
                 self._check_grid(image, name)
-            maps = orient_grid(self._views(image, [0])[0][0], self.grid_) if pooling != "mean" \
-                else self._views(image, [0])[0][0]
-            if pooling == "flatten":
-                rows.append(stack_maps(maps).ravel())
-            elif pooling == "patch_mean":
-                rows.append(maps.mean(axis=(2, 3)).ravel())
-            else:
+            maps = self._views(image, [0])[0][0]
+            if pooling == "mean":
                 rows.append(maps.mean(axis=(0, 1, 2, 3)))
+                continue
+            maps = orient_grid(maps, self.grid_)
+            rows.append(stack_maps(maps).ravel() if pooling == "flatten" else maps.mean(axis=(2, 3)).ravel())
         return np.asarray(rows, dtype=np.float32)
 
     # -- persistence -----------------------------------------------------------------------------
@@ -770,7 +773,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         record = {"format": MODEL_FORMAT, "model": "two_stage", "keras_version": keras.__version__,
                   "config": self.cfg.to_dict(), "classes": self.classes_.tolist(),
                   "grid": list(self.grid_), "history": self.history_}
-        training._atomic_write_text(directory / "config.json", json.dumps(record, indent=2))
+        training.atomic_write_text(directory / "config.json", json.dumps(record, indent=2))
         return directory
 
     @classmethod
@@ -846,16 +849,22 @@ def predict_table(model: TwoStageModel, images: pd.DataFrame, methods: Sequence[
     Returns
     -------
     predictions : pandas.DataFrame
-        ``path``, ``label``, then per method ``<method>`` (predicted class) and
-        ``<method>:<class>`` probabilities.
+        ``path``, ``label`` (the given label mapped into the model's scheme, or empty), then per
+        method ``<method>`` (predicted class) and ``<method>:<class>`` probabilities.
     skipped : list of dict
         ``{"path", "reason"}`` of unreadable images, too small ones, or images whose grid the
         image-wise network cannot take.
     """
+    from data.labels import map_labels
+
+    labels = images["label"].to_numpy(dtype=object).copy()
+    known = labels != ""
+    if known.any():
+        labels[known] = map_labels(labels[known], model.cfg.scheme)
     rows, skipped = [], []
-    for path, label in zip(images["path"], images["label"]):
+    for path, label in zip(images["path"], labels):
         try:
-            scores = model.predict_scores([path], methods, ensemble)
+            scores = model._scores([path], methods, ensemble)
         except (ImageReadError, TwoStageInputError) as exc:
             skipped.append({"path": str(path), "reason": str(exc)})
             continue

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classifiers.patches import N_DIHEDRAL, dihedral, extract_patches, grid_shape
+from classifiers.patches import N_DIHEDRAL, dihedral, grid_shape, patch_positions
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +40,11 @@ __all__ = [
     "EpochLog",
     "ImageCache",
     "StageSpec",
+    "atomic_save_model",
+    "atomic_write_text",
     "augmentation_plan",
     "color_jitter",
+    "count_patch_batches",
     "patch_batches",
     "step_learning_rate",
     "train_stage",
@@ -224,10 +227,11 @@ def patch_batches(images: ImageCache, labels: np.ndarray, indices: Sequence[int]
             for p in range(rows * cols):
                 samples += [(i, p, t, j) for t, j in zip(transforms[p], jittered[p])]
         samples = [samples[s] for s in rng.permutation(len(samples))]
-        grids = {i: extract_patches(images.get(i), patch_size, stride) for i in members}
+        pixels = {i: images.get(i) for i in members}
+        corners = {i: patch_positions(*pixels[i].shape[:2], patch_size, stride) for i in members}
         for i, p, t, j in samples:
-            grid = grids[i]
-            patch = dihedral(grid[p // grid.shape[1], p % grid.shape[1]], t)
+            y, x = corners[i][p]
+            patch = dihedral(pixels[i][y:y + patch_size, x:x + patch_size], t)
             pending_x.append(color_jitter(patch, rng, jitter) if j else patch.astype(np.float32))
             pending_y.append(int(labels[i]))
             if len(pending_x) == batch_size:
@@ -253,7 +257,7 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint directory belongs to a run with another config or other training images."""
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
@@ -327,7 +331,7 @@ class CheckpointStore:
         elif "best_checkpoint" in self.state["stages"].get(name, {}):
             stage_state["best_checkpoint"] = self.state["stages"][name]["best_checkpoint"]
         self.state["stages"][name] = stage_state
-        _atomic_write_text(self.directory / _STATE_FILE, json.dumps(self.state, indent=2))
+        atomic_write_text(self.directory / _STATE_FILE, json.dumps(self.state, indent=2))
         keep = {s.get(k) for s in self.state["stages"].values() for k in ("checkpoint", "best_checkpoint")}
         for stale in self.directory.glob(f"{name}_net.*.keras"):
             if stale.name not in keep:
@@ -478,7 +482,7 @@ def train_stage(model, spec: StageSpec, batches: Callable[[int], Iterable[tuple[
         val = evaluate(model) if evaluate is not None else None
         improved = spec.patience is not None and val is not None and _better(val, best)
         if improved:
-            best = {"epoch": epoch + 1, "val_loss": val[0], "val_accuracy": val[1]}
+            best = {"epoch": epoch + 1, "val_loss": float(val[0]), "val_accuracy": float(val[1])}
             best_weights = model.get_weights()
         record = EpochLog(
             stage=spec.name, epoch=epoch + 1, epochs=spec.epochs, loss=loss_sum / seen,

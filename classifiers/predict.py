@@ -1,0 +1,337 @@
+"""Predict new images with a saved model, extracting their features exactly as in training.
+
+For every store the model was trained on, the store's extraction config is rebuilt from
+``model.json`` and checked to be reproducible here (known backbone, same feature format, same
+config hash, weights file with the same sha256) *before* any image is read.  Then each image
+gets all the colour augmentations and crops of that config, every augmentation is classified,
+and the image is decided by the same voting as in cross-validation
+(:func:`classifiers.voting.vote`: majority of the augmentations, ties by mean probability).
+
+Images are identified by their path *as given*: the random crops of an augmentation are seeded
+by this id (see ``features.augment``), so the same spelling of a path reproduces the same
+probabilities, and a training image given by its dataset-relative path reproduces the
+features in its store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from classifiers.model_io import TrainedModel
+from classifiers.voting import vote
+
+log = logging.getLogger(__name__)
+
+
+class ModelCompatibilityError(ValueError):
+    """This installation cannot reproduce the features a model was trained on.
+
+    The message names what differs (backbone, weights file, feature format) and what to do.
+    """
+
+
+@dataclass
+class PredictionResult:
+    """Per-image predictions and what could not be predicted.
+
+    Attributes
+    ----------
+    table : pandas.DataFrame
+        One row per predicted image, in input order: ``image`` (path as given),
+        ``prediction`` (majority vote), ``prediction_mean_proba``, ``n_aug``,
+        ``proba_<class>`` (mean probability over augmentations), ``votes_<class>``,
+        ``stain_note`` (why Macenko was not applied, empty when it was).
+    skipped : list of dict
+        ``{"image": path, "reason": ...}`` for every input that could not be read.
+    classes : tuple of str
+    row_proba : ndarray (n_rows, n_classes)
+        Probability of every (image, augmentation) row, rows ordered as ``row_image``.
+    row_image : ndarray of int
+        Index into ``table`` of every row.
+    seconds : float
+    device : str
+        Where the backbone ran.
+    """
+
+    table: pd.DataFrame
+    skipped: list = field(default_factory=list)
+    classes: tuple = ()
+    row_proba: np.ndarray | None = None
+    row_image: np.ndarray | None = None
+    seconds: float = 0.0
+    device: str = ""
+
+
+def _made_by(model: TrainedModel) -> str:
+    return model.package_version or "unknown version"
+
+
+def _weights_advice(spec, config, local: Path | None) -> str:
+    wanted = config.weights_file or config.weights
+    target = f" to {local}" if local else ""
+    return (
+        f"Use the weights file the model was made with ({wanted}, sha256 {config.weights_sha256}; "
+        f"origin: {spec.weights_source}): copy it from the training machine{target}, or pass its "
+        f"path with --weights {config.backbone}=FILE (python API: weights={{'{config.backbone}': FILE}}); "
+        "otherwise retrain the model on features extracted here."
+    )
+
+
+def check_weights(config, store_name: str, weights_override: str | None = None) -> Path | None:
+    """Check that the backbone weights on this machine are the ones the model was trained with.
+
+    Parameters
+    ----------
+    config : features.config.ExtractionConfig
+    store_name : str
+        For messages.
+    weights_override : str, optional
+        A weights file to use instead of the config's ``weights`` (same sha256 required).
+
+    Returns
+    -------
+    Path or None
+        The local weights file (``None`` for a random-init backbone).
+
+    Raises
+    ------
+    ModelCompatibilityError
+        When the file is missing or its sha256 differs from the config's.
+    """
+    from features.backbones import WeightsNotFoundError, file_sha256, get_backbone, resolve_weights
+
+    spec = get_backbone(config.backbone)
+    if config.weights_sha256 is None and weights_override is None:
+        return None  # random initialisation seeded by config.seed: reproducible anywhere
+    try:
+        local = resolve_weights(spec, weights_override or config.weights)
+    except WeightsNotFoundError as exc:
+        raise ModelCompatibilityError(
+            f"store {store_name!r} ({config.backbone}): weights not found on this machine: {exc}. "
+            + _weights_advice(spec, config, None)
+        ) from None
+    digest = None if local is None else file_sha256(local)
+    if digest != config.weights_sha256:
+        raise ModelCompatibilityError(
+            f"store {store_name!r} ({config.backbone}): the weights file on this machine, {local}, has sha256 "
+            f"{digest}, but the model was trained on features from weights with sha256 "
+            f"{config.weights_sha256}; its features would differ, so this model cannot be applied. "
+            + _weights_advice(spec, config, local)
+        )
+    return local
+
+
+def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> list:
+    """Rebuild every store's :class:`~features.config.ExtractionConfig`, refusing what differs.
+
+    Parameters
+    ----------
+    model : TrainedModel
+    weights : dict, optional
+        ``{backbone: weights file}`` overrides (e.g. the same ImageNet file in another place).
+
+    Returns
+    -------
+    list of ExtractionConfig
+        One per store, with ``weights`` pointing at the file to load here.
+
+    Raises
+    ------
+    ModelCompatibilityError
+        Unknown backbone, another feature format, a config this version hashes differently,
+        missing weights or weights with another sha256.
+    """
+    from dataclasses import replace
+
+    from features.backbones import BACKBONES
+    from features.config import FEATURE_FORMAT_VERSION, ExtractionConfig
+
+    weights = dict(weights or {})
+    made_by = _made_by(model)
+    retrain = (f"retrain the model with this version (pipeline.extract, then pipeline.train), or install "
+               f"breast-histology-pipeline {made_by}, which made it")
+    configs = []
+    for name, record in zip(model.store_names, model.store_configs):
+        backbone = record.get("backbone")
+        if backbone not in BACKBONES:
+            raise ModelCompatibilityError(
+                f"store {name!r}: the model needs backbone {backbone!r}, which this version does not "
+                f"have (known: {', '.join(sorted(BACKBONES))}); {retrain}"
+            )
+        if record.get("feature_format") != FEATURE_FORMAT_VERSION:
+            raise ModelCompatibilityError(
+                f"store {name!r}: the model's features are in feature format {record.get('feature_format')}, "
+                f"this version extracts format {FEATURE_FORMAT_VERSION}; {retrain}"
+            )
+        try:
+            config = ExtractionConfig.from_dict(record)
+        except (TypeError, ValueError) as exc:
+            raise ModelCompatibilityError(f"store {name!r}: {exc}; {retrain}") from None
+        if config.config_hash != record.get("config_hash"):
+            raise ModelCompatibilityError(
+                f"store {name!r}: this version does not reproduce the model's extraction config "
+                f"(hash {str(record.get('config_hash'))[:12]}, here {config.config_hash[:12]}); {retrain}"
+            )
+        local = check_weights(config, name, weights.pop(backbone, None))
+        if local is not None:
+            config = replace(config, weights=str(local), weights_file=str(local))  # descriptive: same hash
+        configs.append(config)
+    if weights:
+        raise ModelCompatibilityError(
+            f"--weights given for {sorted(weights)}, which the model does not use "
+            f"(its backbones: {', '.join(c.backbone for c in configs)})"
+        )
+    return configs
+
+
+def list_images(inputs) -> tuple[list, list]:
+    """Expand files and folders into image paths, as given (folders: recursive, sorted).
+
+    Returns
+    -------
+    paths : list of str
+        Files to predict, without duplicates, in input order.
+    skipped : list of dict
+        ``{"image": input, "reason": ...}`` for missing inputs and folders without images.
+    """
+    from data.io import IMAGE_EXTENSIONS, is_image_file
+
+    paths, skipped = [], []
+    for item in map(str, inputs):
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(
+                str(f) for f in p.rglob("*")
+                if f.is_file() and is_image_file(f)
+                and not any(part.startswith((".", "__")) for part in f.relative_to(p).parts)
+            )
+            if not found:
+                skipped.append({"image": item, "reason": f"folder holds no image ({', '.join(IMAGE_EXTENSIONS)})"})
+            paths.extend(found)
+        elif p.exists():
+            paths.append(item)  # explicit files are tried whatever their extension
+        else:
+            skipped.append({"image": item, "reason": "no such file or folder"})
+    return list(dict.fromkeys(paths)), skipped
+
+
+def image_frame(paths) -> pd.DataFrame:
+    """The dataset frame extraction expects; the id is the path as given, labels are unknown."""
+    paths = [str(p) for p in paths]
+    return pd.DataFrame({"image_id": paths, "path": paths, "label": "", "group": paths})
+
+
+def predict_images(
+    model: TrainedModel,
+    paths,
+    *,
+    weights: dict | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> PredictionResult:
+    """Extract, classify and vote every image of ``paths``.
+
+    Parameters
+    ----------
+    model : TrainedModel
+        From :func:`classifiers.model_io.load_model`.
+    paths : sequence of str
+        Image files; each path as given is the image's id (see the module docstring).
+    weights : dict, optional
+        ``{backbone: file}`` to use instead of the default location of the weights.
+    batch_size : int, default=8
+        Crops per forward pass.
+    progress : bool, default=False
+        Show a progress bar per store.
+
+    Returns
+    -------
+    PredictionResult
+        Unreadable images are in ``skipped`` with their reason; the others are predicted.
+
+    Raises
+    ------
+    ModelCompatibilityError
+        Before any image is read, if the model's features cannot be reproduced here.
+    """
+    from features.extract import extract_in_memory
+
+    start = time.perf_counter()
+    configs = reproducible_configs(model, weights)
+    frame = image_frame(dict.fromkeys(map(str, paths)))
+    skipped, metas, Xs, device = [], [], [], ""
+    for name, config, dim in zip(model.store_names, configs, model.feature_dims):
+        if frame.empty:
+            break
+        log.info("store %s: %s, %d augmentations x %d crops of %d px, %d images", name, config.backbone,
+                 config.augmentations, config.crops, config.crop_size, len(frame))
+        table, summary = extract_in_memory(frame, config, batch_size=batch_size, progress=progress)
+        device = summary.device
+        if summary.skipped:
+            skipped += [{"image": s["path"], "reason": s["reason"]} for s in summary.skipped]
+            gone = {s["image_id"] for s in summary.skipped}
+            frame = frame[~frame["image_id"].isin(gone)].reset_index(drop=True)
+            # A file that became unreadable after an earlier store read it: drop it there too.
+            for k, meta in enumerate(metas):
+                keep = ~meta["image_id"].isin(gone).to_numpy()
+                metas[k], Xs[k] = meta[keep].reset_index(drop=True), Xs[k][keep]
+        if table.X.shape[1] != dim:
+            raise ModelCompatibilityError(
+                f"store {name!r}: {config.backbone} gives {table.X.shape[1]} features here but the model "
+                f"was trained on {dim}; retrain the model with this version"
+            )
+        metas.append(table.meta.reset_index(drop=True))
+        Xs.append(table.X)
+    classes = tuple(model.classes)
+    if frame.empty:
+        return PredictionResult(_empty_table(classes), skipped, classes, seconds=time.perf_counter() - start,
+                                device=device)
+
+    keys = metas[0][["image_id", "aug"]]
+    for name, meta in zip(model.store_names[1:], metas[1:]):
+        if not keys.equals(meta[["image_id", "aug"]]):  # same images, same augmentation count
+            raise ModelCompatibilityError(f"store {name!r} gives other augmentation rows than "
+                                          f"{model.store_names[0]!r}; the model's stores are inconsistent")
+    images = list(frame["image_id"])
+    row_image = pd.Index(images).get_indexer(keys["image_id"])
+    row_proba = model.fitted.predict_proba(Xs)
+    result = vote(row_image, row_proba, len(images))
+    names = np.asarray(classes)
+    out = pd.DataFrame({
+        "image": images,
+        "prediction": names[result.majority],
+        "prediction_mean_proba": names[result.mean_proba_argmax],
+        "n_aug": np.bincount(row_image, minlength=len(images)),
+    })
+    for j, c in enumerate(classes):
+        out[f"proba_{c}"] = result.mean_proba[:, j]
+    for j, c in enumerate(classes):
+        out[f"votes_{c}"] = result.votes[:, j]
+    out["stain_note"] = _stain_notes(images, metas, model.store_names)
+    return PredictionResult(out, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
+
+
+def _empty_table(classes) -> pd.DataFrame:
+    columns = ["image", "prediction", "prediction_mean_proba", "n_aug"]
+    columns += [f"proba_{c}" for c in classes] + [f"votes_{c}" for c in classes] + ["stain_note"]
+    return pd.DataFrame(columns=columns)
+
+
+def _stain_notes(images, metas, store_names) -> list:
+    """One note per image: why Macenko was skipped (per store when stores disagree)."""
+    per_store = [dict(zip(m["image_id"], m["stain_note"])) for m in metas]
+    notes = []
+    for image in images:
+        found = [(n, s.get(image)) for n, s in zip(store_names, per_store) if isinstance(s.get(image), str)]
+        found = [(n, note) for n, note in found if note]
+        if len({note for _, note in found}) <= 1:
+            notes.append(found[0][1] if found else "")
+        else:
+            notes.append("; ".join(f"{n}: {note}" for n, note in found))
+    return notes

@@ -1,0 +1,107 @@
+"""``python -m pipeline.predict``: classify new images with a model directory.
+
+::
+
+    python -m pipeline.predict --model MODEL_DIR IMAGE_OR_DIR [IMAGE_OR_DIR ...] \\
+        [--out predictions.csv] [--weights BACKBONE=FILE] [--batch-size 8]
+
+Each image is processed with the model's own extraction config (stain normalisation, every
+colour augmentation and crop) and decided by majority voting over its augmentations, as in
+cross-validation.  Unreadable images are skipped, logged with their reason and listed at the
+end; ``predictions.csv`` gets one row per predicted image (see
+:class:`classifiers.predict.PredictionResult`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# Passive OpenMP waiting before XGBoost / scikit-learn load (see pipeline/cv_report.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+log = logging.getLogger("pipeline.predict")
+
+
+def _weights_pair(text: str) -> tuple:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"expected BACKBONE=FILE, got {text!r}")
+    return name, path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.predict",
+        description="Predict images (files or folders, searched recursively) with a model directory "
+        "made by python -m pipeline.train; writes class, mean probabilities and votes per image.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="model directory (pipeline.train --out)")
+    p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    p.add_argument("--weights", action="append", type=_weights_pair, default=[], metavar="BACKBONE=FILE",
+                   help="use this weights file for a backbone (it must have the sha256 the model records)")
+    p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    """Predict and write the CSV; returns 0, or 2 with a message on bad input."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from classifiers.model_io import ModelFormatError, load_model
+    from classifiers.predict import ModelCompatibilityError, list_images, predict_images, reproducible_configs
+
+    prog = "python -m pipeline.predict"
+    try:
+        model = load_model(args.model)
+        reproducible_configs(model, dict(args.weights))  # a model we cannot apply fails before any input check
+        paths, skipped = list_images(args.images)
+        for item in skipped:
+            log.warning("skipped %s: %s", item["image"], item["reason"])
+        if not paths:
+            raise ValueError("no image to predict among the inputs: "
+                             + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped))
+        result = predict_images(model, paths, weights=dict(args.weights), batch_size=args.batch_size,
+                                progress=not args.quiet)
+    except (ModelFormatError, ModelCompatibilityError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    skipped += result.skipped
+    if result.table.empty:
+        print(f"{prog}: error: none of the {len(paths)} images could be read:", file=sys.stderr)
+        for item in skipped:
+            print(f"  {item['image']}: {item['reason']}", file=sys.stderr)
+        return 2
+    out_dir = os.path.dirname(os.path.abspath(args.out))
+    os.makedirs(out_dir, exist_ok=True)
+    result.table.to_csv(args.out, index=False)
+    print(report(result, skipped, args.out))
+    return 0
+
+
+def report(result, skipped, out) -> str:
+    """The per-image decisions, then what was skipped and why."""
+    classes = result.classes
+    lines = []
+    for r in result.table.to_dict("records"):  # not itertuples: "proba_non-carcinoma" is no identifier
+        votes = " ".join(f"{c} {r[f'votes_{c}']}" for c in classes)
+        probas = " ".join(f"{c} {r[f'proba_{c}']:.3f}" for c in classes)
+        note = f" [not stain-normalised: {r['stain_note']}]" if r["stain_note"] else ""
+        lines.append(f"{r['image']}: {r['prediction']} (votes: {votes}; mean proba: {probas}){note}")
+    lines.append(f"{len(result.table)} images predicted in {result.seconds:.1f} s on {result.device}; "
+                 f"written to {out}")
+    if skipped:
+        lines.append(f"{len(skipped)} skipped:")
+        lines += [f"  {s['image']}: {s['reason']}" for s in skipped]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

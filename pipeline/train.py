@@ -1,0 +1,101 @@
+"""``python -m pipeline.train``: fit the final model on all images of feature stores and save it.
+
+::
+
+    python -m pipeline.train --features STORE_DIR [STORE_DIR ...] --out MODEL_DIR \\
+        [--labels bach4|bmc3|binary] [--classifier xgboost|logreg] [--fusion concat|mean-proba] \\
+        [--seed S] [--n-jobs 2] [--device auto|cpu|cuda] [--overwrite]
+
+The model is the one ``pipeline.cv_report`` evaluates (same classifier, defaults and fusion),
+fitted on every image.  The model directory holds only data (JSON and ``.npz``) plus the
+stores' extraction configs, so ``pipeline.predict`` can reproduce the features of new images
+(see :mod:`classifiers.model_io`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+# Passive OpenMP waiting before XGBoost / scikit-learn load (see pipeline/cv_report.py).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from classifiers.experiment import FUSION_CHOICES
+from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES
+
+log = logging.getLogger("pipeline.train")
+SCHEME_CHOICES = ("bach4", "bmc3", "binary")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser."""
+    p = argparse.ArgumentParser(
+        prog="python -m pipeline.train",
+        description="Fit the final classifier on all images of one or more feature stores and save "
+        "it as a model directory (JSON/.npz only) for python -m pipeline.predict.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--features", nargs="+", required=True, metavar="STORE_DIR",
+                   help="feature store directories (several = several backbones of the same images)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to create")
+    p.add_argument("--labels", default="bach4", choices=SCHEME_CHOICES, help="label scheme to predict in")
+    p.add_argument("--classifier", default="xgboost", choices=CLASSIFIER_NAMES, help="classifier")
+    p.add_argument("--fusion", default="concat", choices=FUSION_CHOICES,
+                   help="with several stores: concatenate features, or average per-store models' probabilities")
+    p.add_argument("--seed", type=int, default=0, help="classifier seed")
+    p.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads")
+    p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="XGBoost training device")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
+    return p
+
+
+def main(argv=None) -> int:
+    """Train and save; returns 0, or 2 with a message on bad input."""
+    args = build_parser().parse_args(argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from classifiers.dataset import InputDataError, build_dataset
+    from classifiers.model_io import TrainConfig, save_model, train_model
+    from classifiers.models import DeviceUnavailableError
+    from features.store import StoreError, load_store
+
+    config = TrainConfig(scheme=args.labels, classifier=args.classifier, fusion=args.fusion,
+                         seed=args.seed, n_jobs=args.n_jobs, device=args.device)
+    try:
+        config.validate()
+        tables = [load_store(path) for path in args.features]
+        dataset = build_dataset(tables, config.scheme)
+        model = train_model(dataset, config)
+        out = save_model(model, args.out, overwrite=args.overwrite)
+    except (InputDataError, StoreError, DeviceUnavailableError, FileExistsError, FileNotFoundError,
+            ValueError) as exc:
+        print(f"python -m pipeline.train: error: {exc}", file=sys.stderr)
+        return 2
+    print(report(model, out))
+    return 0
+
+
+def report(model, out) -> str:
+    """What was trained, on what, and where it went."""
+    t = model.training
+    per_class = ", ".join(f"{c} {n}" for c, n in t["images_per_class"].items())
+    stores = ", ".join(
+        f"{name} ({cfg.get('backbone')}, {dim} features, {cfg.get('augmentations')} augmentations x "
+        f"{cfg.get('crops')} crops of {cfg.get('crop_size')} px)"
+        for name, cfg, dim in zip(model.store_names, model.store_configs, model.feature_dims)
+    )
+    lines = [
+        f"model: {model.fitted.spec.name} ({model.classifier}, fusion {model.fusion}), scheme {model.scheme}",
+        f"trained on {t['n_images']} images ({per_class}), {t['n_rows']} augmentation rows",
+        f"stores: {stores}",
+    ]
+    if model.absent_classes:
+        lines.append(f"classes without images (never predicted): {', '.join(model.absent_classes)}")
+    lines.append(f"saved to {out}; estimate its accuracy with python -m pipeline.cv_report, not on these images")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

