@@ -66,6 +66,34 @@ def crop_positions(
     return np.stack([ys, xs], axis=1)
 
 
+@dataclass(frozen=True)
+class AugmentationDraw:
+    """The random draws of one augmentation: colour transform and crop windows."""
+
+    gain: np.ndarray
+    shift: np.ndarray
+    positions: np.ndarray  # (n_crops, 2) top-left (y, x)
+    side: int
+
+    @property
+    def windows(self) -> np.ndarray:
+        """``(n_crops, 3)`` rows ``(y, x, side)``."""
+        return np.column_stack([self.positions, np.full(len(self.positions), self.side)])
+
+
+def draw_augmentation(
+    *, seed: int, image_id: str, aug_index: int, height: int, width: int, n_crops: int,
+    crop_size: int, color: ColorAugmentation,
+) -> AugmentationDraw:
+    """All draws of one augmentation from :func:`augmentation_rng`; index 0 keeps the colours."""
+    rng = augmentation_rng(seed, image_id, aug_index)
+    gain, shift = color.sample(rng)
+    if aug_index == 0:
+        gain, shift = np.ones(3), np.zeros(3)
+    side = effective_crop_size(height, width, crop_size)
+    return AugmentationDraw(gain, shift, crop_positions(rng, height, width, side, n_crops), side)
+
+
 def augmented_crops(
     image: np.ndarray,
     *,
@@ -81,15 +109,13 @@ def augmented_crops(
     Augmentation 0 keeps the original colours; all draws come from
     :func:`augmentation_rng` so the result depends only on the arguments.
     """
-    rng = augmentation_rng(seed, image_id, aug_index)
-    gain, shift = color.sample(rng)
-    if aug_index == 0:
-        gain, shift = np.ones(3), np.zeros(3)
-    height, width = image.shape[:2]
-    side = effective_crop_size(height, width, crop_size)
-    positions = crop_positions(rng, height, width, side, n_crops)
+    draw = draw_augmentation(
+        seed=seed, image_id=image_id, aug_index=aug_index, height=image.shape[0],
+        width=image.shape[1], n_crops=n_crops, crop_size=crop_size, color=color,
+    )
+    side = draw.side
     crops = np.empty((n_crops, side, side, 3), dtype=np.uint8)
-    for i, (y, x) in enumerate(positions):
+    for i, (y, x) in enumerate(draw.positions):
         # Colour-transform only the crop: cheaper than the whole image when crops are small.
-        crops[i] = color.apply(image[y : y + side, x : x + side], gain, shift)
+        crops[i] = color.apply(image[y : y + side, x : x + side], draw.gain, draw.shift)
     return crops

@@ -1,8 +1,10 @@
 """The backbone registry: one entry per CNN, naming its builder, preprocessing and weights.
 
 Each entry maps a name to a :class:`BackboneSpec`.  ``build(weights_file)`` returns a Keras
-model from RGB images already passed through ``preprocess`` to one globally average-pooled
-feature vector per image.  ``weights_file`` is ``None`` for random initialisation (tests)
+model from RGB images already passed through ``preprocess`` to the last convolutional feature
+map (``stride`` pixels per cell); global average pooling of that map is the usual feature
+vector, and pooling a window of it approximates the feature of a crop (shared-map mode and
+heatmaps).  ``weights_file`` is ``None`` for random initialisation (tests)
 or a resolved file; :func:`resolve_weights` turns the user's ``--weights`` choice into one and
 fails before any work, with instructions, when a file is missing (there is no network here).
 """
@@ -30,12 +32,13 @@ class BackboneSpec:
     name : registry key.
     feature_dim : length of the pooled feature vector.
     build : ``build(weights_file or None) -> keras.Model`` mapping preprocessed
-        ``(batch, h, w, 3)`` float32 images to ``(batch, feature_dim)``.
+        ``(batch, h, w, 3)`` float32 images to feature maps ``(batch, h', w', feature_dim)``.
     preprocess : ``preprocess(rgb_float32_0_255) -> float32`` input scaling of the weights.
     default_weights : ``() -> Path`` locating the ImageNet weights file or raising
         :class:`WeightsNotFoundError`.
     weights_source : human-readable origin of the ImageNet weights.
     min_input : smallest input side the network accepts.
+    stride : input pixels per feature-map cell.
     """
 
     name: str
@@ -45,6 +48,7 @@ class BackboneSpec:
     default_weights: Callable[[], Path]
     weights_source: str
     min_input: int = 32
+    stride: int = 32
 
 
 def keras_cache_dir() -> Path:
@@ -77,7 +81,7 @@ def _keras_app_builder(app_name: str) -> Callable:
             include_top=False,
             weights=None if weights_file is None else str(weights_file),
             input_shape=(None, None, 3),
-            pooling="avg",
+            pooling=None,
         )
 
     return build
@@ -101,7 +105,7 @@ def _lite_builder(variant: str) -> Callable:
             weights=None if weights_file is None else str(weights_file),
             include_top=False,
             input_shape=(None, None, 3),
-            pooling="avg",
+            pooling=None,
         )
 
     return build

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 from features.pooling import POOLINGS
 
+MODES = ("exact", "shared")
+
 # Bump when the meaning of stored features changes without any config field changing.
 FEATURE_FORMAT_VERSION = 1
 
@@ -28,6 +30,9 @@ class ExtractionConfig:
         crop side in pixels after scaling.
     scale : resize factor applied to each image before anything else.
     pooling : how crop features become one vector per augmented image.
+    mode : ``"exact"`` runs the backbone on every crop; ``"shared"`` runs it once per augmented
+        image and average-pools each crop's window of the feature map
+        (``features.feature_maps``).
     stain : Macenko state (``reference``, ``reference_sha256``, ``stain_matrix``,
         ``max_concentrations``) or ``None`` to skip normalisation.
     seed : root of every random draw.
@@ -43,6 +48,7 @@ class ExtractionConfig:
     crop_size: int = 750
     scale: float = 0.5
     pooling: str = "mean"
+    mode: str = "exact"
     stain: dict | None = None
     seed: int = 0
     color_gain: float = 0.1
@@ -57,6 +63,7 @@ class ExtractionConfig:
             (self.crop_size >= 16, "crop_size must be >= 16 pixels"),
             (0 < self.scale <= 4, "scale must be in (0, 4]"),
             (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}"),
+            (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),
             (0 <= self.color_shift <= 128, "color_shift must be in [0, 128]"),
         ]

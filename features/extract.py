@@ -22,7 +22,8 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from data.io import ImageReadError, read_image
-from features.augment import ColorAugmentation, augmented_crops
+from features.augment import ColorAugmentation, augmented_crops, draw_augmentation
+from features.feature_maps import pool_windows
 from features.backbones import file_sha256, get_backbone, resolve_weights
 from features.config import ExtractionConfig
 from features.pooling import pool_features
@@ -161,7 +162,11 @@ class FeatureExtractor:
         self.model = self.spec.build(weights_file)
         self.device = describe_device()
         log.info("backbone %s runs on %s", config.backbone, self.device)
-        self._forward = tf.function(lambda x: self.model(x, training=False))
+        # One compiled graph per input shape; batches are padded to a fixed size to keep it so.
+        self._maps = tf.function(lambda x: self.model(x, training=False))
+        self._forward = tf.function(
+            lambda x: tf.reduce_mean(self.model(x, training=False), axis=[1, 2])
+        )
 
     def check_side(self, side: int) -> None:
         if side < self.spec.min_input:
@@ -175,6 +180,13 @@ class FeatureExtractor:
         batch = np.zeros((self.batch_size, side, side, 3), dtype=np.float32)
         batch[:n] = crops
         return np.asarray(self._forward(self.spec.preprocess(batch)))[:n].astype(np.float32)
+
+    def feature_maps(self, images: np.ndarray) -> np.ndarray:
+        """Up to ``batch_size`` same-shape uint8 images -> ``(n, h', w', dim)`` feature maps."""
+        n = len(images)
+        batch = np.zeros((self.batch_size, *images.shape[1:]), dtype=np.float32)
+        batch[:n] = images
+        return np.asarray(self._maps(self.spec.preprocess(batch)))[:n].astype(np.float32)
 
     def features(self, crops: np.ndarray) -> np.ndarray:
         """``(n, side, side, 3)`` uint8 crops of one image -> ``(n, feature_dim)`` float32."""
@@ -201,6 +213,30 @@ class ImageBatcher:
         if self.pending:
             self.done.append(self.extractor.run_batch(np.stack(self.pending)))
             self.pending = []
+        return np.concatenate(self.done)
+
+
+class MapBatcher:
+    """Shared-map mode: batches one image's augmented copies, pools each crop window."""
+
+    def __init__(self, extractor: FeatureExtractor):
+        self.extractor, self.pending, self.done = extractor, [], []
+
+    def add(self, image: np.ndarray, windows: np.ndarray) -> None:
+        self.extractor.check_side(int(windows[0, 2]))
+        self.pending.append((image, windows))
+        if len(self.pending) == self.extractor.batch_size:
+            self._run()
+
+    def _run(self) -> None:
+        maps = self.extractor.feature_maps(np.stack([img for img, _ in self.pending]))
+        stride = self.extractor.spec.stride
+        self.done.extend(pool_windows(m, w, stride) for m, (_, w) in zip(maps, self.pending))
+        self.pending = []
+
+    def finish(self) -> np.ndarray:
+        if self.pending:
+            self._run()
         return np.concatenate(self.done)
 
 
@@ -238,6 +274,14 @@ def _prepare(row, config: ExtractionConfig, normalizer, color, out: queue.Queue,
     for aug in range(config.augmentations):
         if stop.is_set():
             return
+        if config.mode == "shared":
+            draw = draw_augmentation(
+                seed=config.seed, image_id=row.image_id, aug_index=aug, height=image.shape[0],
+                width=image.shape[1], n_crops=config.crops, crop_size=config.crop_size,
+                color=color,
+            )
+            out.put(("aug", aug, (color.apply(image, draw.gain, draw.shift), draw.windows)))
+            continue
         crops = augmented_crops(
             image, seed=config.seed, image_id=row.image_id, aug_index=aug,
             n_crops=config.crops, crop_size=config.crop_size, color=color,
@@ -276,10 +320,14 @@ def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtrac
         while (item := items.get()) is not _END:
             kind = item[0]
             if kind == "start":
-                row, batcher = item[1], ImageBatcher(extractor)
+                batcher_class = MapBatcher if config.mode == "shared" else ImageBatcher
+                row, batcher = item[1], batcher_class(extractor)
             elif kind == "aug":
-                batcher.add(item[2])
-                summary.crops += len(item[2])
+                if config.mode == "shared":
+                    batcher.add(*item[2])
+                else:
+                    batcher.add(item[2])
+                summary.crops += config.crops
             elif kind == "end":
                 crop_features = batcher.finish().reshape(config.augmentations, config.crops, -1)
                 pooled = np.stack([pool_features(f, config.pooling) for f in crop_features])

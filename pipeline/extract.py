@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from features.backbones import BACKBONES
-from features.config import ExtractionConfig
+from features.config import MODES, ExtractionConfig
 from features.pooling import POOLINGS
 
 log = logging.getLogger("pipeline.extract")
@@ -45,6 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="resize factor applied first (0.5 turns 2048x1536 into 1024x768)")
     p.add_argument("--pooling", default=d.pooling, choices=POOLINGS,
                    help="how the crops' features become one vector per augmented image")
+    p.add_argument("--mode", default=d.mode, choices=MODES,
+                   help="'exact' runs the CNN on every crop; 'shared' runs it once per augmented "
+                   "image and pools each crop's window of the feature map (much faster, "
+                   "approximate at crop borders)")
     p.add_argument("--stain-reference", default="auto",
                    help="Macenko reference image; 'auto' picks the most typical of up to 16 "
                    "dataset images; 'none' disables stain normalisation")
@@ -75,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset, backbone=args.backbone, weights=args.weights,
             stain_reference=args.stain_reference, augmentations=args.augmentations,
             crops=args.crops, crop_size=args.crop_size, scale=args.scale,
-            pooling=args.pooling, seed=args.seed,
+            pooling=args.pooling, mode=args.mode, seed=args.seed,
         )
         summary = extract_to_store(dataset, config, args.out, batch_size=args.batch_size,
                                    progress=not args.quiet)

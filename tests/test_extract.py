@@ -216,3 +216,18 @@ def test_cli_runs_and_reports(dataset_dir, tmp_path, capsys):
     assert "crops/s" in out and "CPU" in out
     assert cli.main(args) == 0
     assert "images extracted now: 0, already in the store: 8" in capsys.readouterr().out
+
+
+def test_shared_mode_is_its_own_reproducible_store(dataset, config, clean_store, tmp_path):
+    from dataclasses import replace
+
+    shared = replace(config, mode="shared")
+    assert shared.config_hash != config.config_hash
+    first = extract_to_store(dataset, shared, tmp_path / "a", batch_size=2, progress=False)
+    extract_to_store(dataset, shared, tmp_path / "b", batch_size=2, progress=False)
+    a, b = load_store(tmp_path / "a"), load_store(tmp_path / "b")
+    np.testing.assert_array_equal(a.X, b.X)
+    assert first.crops == 8 * 2 * 2 and a.X.shape == load_store(clean_store[0]).X.shape
+    exact = load_store(clean_store[0]).X
+    cos = (a.X * exact).sum(1) / np.linalg.norm(a.X, axis=1) / np.linalg.norm(exact, axis=1)
+    assert cos.mean() > 0.5  # random-init weights: similar, not equal (see test_feature_maps)

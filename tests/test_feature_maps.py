@@ -1,0 +1,44 @@
+import numpy as np
+import pytest
+
+from features.config import ExtractionConfig
+from features.extract import FeatureExtractor, MapBatcher
+from features.feature_maps import pool_windows, window_cells
+
+
+def test_window_cells_round_to_the_grid_and_stay_inside():
+    assert window_cells(0, 0, 64, 32, 10, 10) == (0, 2, 0, 2)
+    assert window_cells(40, 90, 64, 32, 10, 10) == (1, 3, 3, 5)
+    assert window_cells(300, 300, 64, 32, 10, 10) == (8, 10, 8, 10)  # clipped at the border
+    assert window_cells(0, 0, 10, 32, 4, 4) == (0, 1, 0, 1)  # at least one cell
+
+
+def test_pool_windows_equals_direct_means():
+    fmap = np.random.default_rng(0).random((6, 8, 5))
+    windows = np.array([[0, 0, 64], [32, 64, 96], [100, 150, 64]])
+    got = pool_windows(fmap, windows, 32)
+    np.testing.assert_allclose(got[0], fmap[0:2, 0:2].mean((0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(got[1], fmap[1:4, 2:5].mean((0, 1)), rtol=1e-6)
+    np.testing.assert_allclose(got[2], fmap[3:5, 5:7].mean((0, 1)), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def extractor():
+    return FeatureExtractor(ExtractionConfig(weights="none", crop_size=64), batch_size=2)
+
+
+def test_shared_map_of_a_whole_image_window_equals_the_exact_feature(extractor):
+    images = np.random.default_rng(1).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
+    exact = extractor.features(images[:, :, 16:80])
+    batcher = MapBatcher(extractor)
+    for img in images:
+        batcher.add(img, np.array([[0, 16, 64]]))
+    shared = batcher.finish()
+    # A 64-pixel window at x=16 is cells 0-1 x 0-1 of the 2x3 map: not the crop's own map,
+    # so only similar; a window covering the whole image equals global pooling exactly.
+    cos = (exact * shared).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(shared, axis=1)
+    assert cos.min() > 0.5
+    whole = MapBatcher(extractor)
+    whole.add(images[0][:, :64], np.array([[0, 0, 64]]))
+    np.testing.assert_allclose(whole.finish()[0], extractor.features(images[:1, :, :64])[0],
+                               rtol=1e-4, atol=1e-5)
