@@ -26,8 +26,8 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -358,7 +358,9 @@ def save_model(model: TrainedModel, out_dir: Path | str, *, overwrite: bool = Fa
         if not (out / MODEL_FILE).is_file():
             raise FileExistsError(f"{out} exists and is not a model directory; refusing to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    # mkdir (not mkdtemp, which makes it private 0700): the directory is meant to be shared.
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
     try:
         files = []
         for k, est in enumerate(model.fitted.estimators):
@@ -428,6 +430,14 @@ def load_model(model_dir: Path | str) -> TrainedModel:
     """
     model_dir = Path(model_dir)
     record = read_model_record(model_dir)
+    try:
+        return _load_checked(model_dir, record)
+    except (KeyError, TypeError, AttributeError) as exc:  # a field missing or of the wrong type
+        raise ModelFormatError(f"{model_dir}/{MODEL_FILE} is damaged ({type(exc).__name__}: {exc}): "
+                               + _retrain_hint(str(record.get("package_version")))) from None
+
+
+def _load_checked(model_dir: Path, record: dict) -> TrainedModel:
     made_by = str(record.get("package_version"))
     classifier = record["classifier"]
     if classifier not in CLASSIFIER_NAMES:

@@ -15,6 +15,8 @@ features in its store.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -173,7 +175,7 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
             config = ExtractionConfig.from_dict(record)
         except (TypeError, ValueError) as exc:
             raise ModelCompatibilityError(f"store {name!r}: {exc}; {retrain}") from None
-        if config.config_hash != record.get("config_hash"):
+        if not _same_config(config, record):
             raise ModelCompatibilityError(
                 f"store {name!r}: this version does not reproduce the model's extraction config "
                 f"(hash {str(record.get('config_hash'))[:12]}, here {config.config_hash[:12]}); {retrain}"
@@ -188,6 +190,22 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
             f"(its backbones: {', '.join(c.backbone for c in configs)})"
         )
     return configs
+
+
+def _same_config(config, record: dict) -> bool:
+    """Whether ``config`` (rebuilt from ``record``) is the config the record's hash names.
+
+    A field added to :class:`~features.config.ExtractionConfig` after the model was made is
+    absent from its record and takes its default, which by this package's convention is the
+    earlier behaviour (a change of meaning bumps ``feature_format``, checked separately); the
+    check then hashes the record's own fields, canonicalised as ``ExtractionConfig.config_hash``
+    does, so it still catches an edited or inconsistent record.
+    """
+    if config.config_hash == record.get("config_hash"):
+        return True
+    hashed = {k: v for k, v in config.hashed_dict().items() if k in record}
+    canonical = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest() == record.get("config_hash")
 
 
 def list_images(inputs) -> tuple[list, list]:

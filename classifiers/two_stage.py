@@ -44,6 +44,25 @@ flatten; dense 128, 128, 64 with ReLU and dropout 0.5; dense softmax.  Batch nor
 uses PyTorch's constants (momentum 0.1, epsilon 1e-5) and convolutions Xavier-uniform
 initialisation with gain sqrt(2), as the authors' code.  No dropout or weight decay in the
 patch-wise network.
+
+Training (:meth:`TwoStageModel.fit`)
+------------------------------------
+1. All training images are read once (errors name the file, before any training) and must
+   give one non-overlapping grid (either orientation).
+2. A validation split is taken from the given training images only: whole patients
+   (``group``), stratified by class, ``val_fraction`` of each class's patients.
+3. Patch-wise network: every stride-``stride`` patch of every training image,
+   ``patch_copies`` times per epoch with rotations/flips and colour perturbation, in shuffled
+   mini-batches; the validation figure is the patch accuracy on the validation images'
+   non-overlapping patches.  Adam with a step learning-rate decay, ``epochs`` epochs.
+4. Image-wise network: inputs are the stacked maps of ``image_copies`` views of each training
+   image (computed once with the trained patch-wise network), trained with the same optimizer
+   schedule for at most ``image_epochs`` epochs, stopping after ``patience`` epochs without
+   a better validation accuracy and keeping the best epoch's weights.
+5. With ``checkpoint_dir`` every finished epoch is checkpointed atomically and an
+   interrupted ``fit`` resumes from the last finished epoch with the same batches it would
+   have seen (:mod:`classifiers.two_stage_training`); dropout masks after a resume in the
+   image-wise stage are not guaranteed to equal an uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -767,8 +786,8 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         for net, filename in ((self.patch_net_, "patch_net.keras"), (self.image_net_, "image_net.keras")):
-            bare = keras.models.clone_model(net)  # uncompiled copy: no optimizer state
-            bare.set_weights(net.get_weights())
+            # Same layers in an uncompiled model: saved without the optimizer state.
+            bare = keras.Model(net.input, net.output, name=net.name)
             training.atomic_save_model(bare, directory / filename)
         record = {"format": MODEL_FORMAT, "model": "two_stage", "keras_version": keras.__version__,
                   "config": self.cfg.to_dict(), "classes": self.classes_.tolist(),

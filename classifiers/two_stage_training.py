@@ -3,7 +3,7 @@
 Kept apart from the networks (:mod:`classifiers.two_stage`) because it is mostly bookkeeping:
 
 * :func:`patch_batches` streams augmented patches without holding them in memory (a BACH
-  epoch at paper settings is 16 x 35 x 320 patches of 512 x 512, about 140 GB as float32);
+  epoch at paper settings is 16 x 35 x 320 patches of 512 x 512, about 560 GB as float32);
 * :func:`train_stage` runs the epochs of one network with the step learning-rate schedule,
   validation, early stopping, progress lines, and a checkpoint per finished epoch;
 * :class:`CheckpointStore` writes every file atomically (temporary file, then
@@ -298,6 +298,8 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.digest = fingerprint_digest(fingerprint)
+        for leftover in self.directory.glob(".*.tmp-*"):  # from a run killed while writing
+            leftover.unlink(missing_ok=True)
         path = self.directory / _STATE_FILE
         if path.exists():
             self.state = json.loads(path.read_text(encoding="utf-8"))

@@ -31,8 +31,9 @@ class BackboneSpec:
     ----------
     name : registry key.
     feature_dim : length of the pooled feature vector.
-    build : ``build(weights_file or None) -> keras.Model`` mapping preprocessed
-        ``(batch, h, w, 3)`` float32 images to feature maps ``(batch, h', w', feature_dim)``.
+    build : ``build(weights_file or None, input_shape=(None, None, 3)) -> keras.Model`` mapping
+        preprocessed ``(batch, h, w, 3)`` float32 images to feature maps
+        ``(batch, h', w', feature_dim)``.
     preprocess : ``preprocess(rgb_float32_0_255) -> float32`` input scaling of the weights.
     default_weights : ``() -> Path`` locating the ImageNet weights file or raising
         :class:`WeightsNotFoundError`.
@@ -73,14 +74,14 @@ def _keras_cached(file_name: str, url: str) -> Callable[[], Path]:
 
 
 def _keras_app_builder(app_name: str) -> Callable:
-    def build(weights_file: Path | None):
+    def build(weights_file: Path | None, input_shape=(None, None, 3)):
         import keras
 
         app = getattr(keras.applications, app_name)
         return app(
             include_top=False,
             weights=None if weights_file is None else str(weights_file),
-            input_shape=(None, None, 3),
+            input_shape=input_shape,
             pooling=None,
         )
 
@@ -97,14 +98,14 @@ def _keras_preprocess(module_name: str) -> Callable:
 
 
 def _lite_builder(variant: str) -> Callable:
-    def build(weights_file: Path | None):
+    def build(weights_file: Path | None, input_shape=(None, None, 3)):
         from features.efficientnet_lite import build_efficientnet_lite
 
         return build_efficientnet_lite(
             variant,
             weights=None if weights_file is None else str(weights_file),
             include_top=False,
-            input_shape=(None, None, 3),
+            input_shape=input_shape,
             pooling=None,
         )
 

@@ -1,4 +1,5 @@
 """Train / save / load / predict round trips and every refusal, on tiny random-init stores."""
+import hashlib
 import json
 import os
 from dataclasses import replace
@@ -213,6 +214,20 @@ def test_refuses_features_from_another_version(change, expected, logreg_dir, tmp
     assert "retrain the model with this version" in str(err.value)
 
 
+def test_accepts_a_config_made_before_a_field_existed(logreg_dir, tmp_path):
+    def older(record):
+        config = record["stores"][0]["config"]
+        assert config.pop("color_shift") == 20.0  # as if added later, with the old behaviour as default
+        fields = {k: v for k, v in ExtractionConfig.from_dict(config).hashed_dict().items() if k in config}
+        canonical = json.dumps(fields, sort_keys=True, separators=(",", ":")).encode("utf-8")
+        config["config_hash"] = hashlib.sha256(canonical).hexdigest()
+
+    model = load_model(edit_model(logreg_dir, tmp_path / "m", older))
+    (config,) = reproducible_configs(model)
+    assert config.color_shift == 20.0
+    assert config.config_hash == json.loads((logreg_dir / MODEL_FILE).read_text())["stores"][0]["config"]["config_hash"]
+
+
 def test_refuses_changed_imagenet_weights(logreg_dir, tmp_path):
     wanted = "0" * 64
     model = load_model(edit_model(logreg_dir, tmp_path / "m", lambda r: set_store_config(
@@ -262,6 +277,8 @@ def test_weights_file_checks_and_override(logreg_dir, tmp_path, capsys):
         '"estimator-0.npz"', '"../estimator-0.npz"')), "not a plain estimator-<k>.json/.npz"),
     (lambda d: (d / MODEL_FILE).write_text((d / MODEL_FILE).read_text().replace(
         '"classifier": "logreg"', '"classifier": "svm"')), "uses classifier 'svm', which this version does not know"),
+    (lambda d: (d / MODEL_FILE).write_text((d / MODEL_FILE).read_text().replace(
+        '"feature_dim"', '"dim"')), "model.json is damaged (KeyError: 'feature_dim')"),
 ])
 def test_refuses_damaged_model_directory(damage, expected, logreg_dir, tmp_path):
     broken = edit_model(logreg_dir, tmp_path / "m", lambda r: None)
