@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field, fields
 from features.pooling import POOLINGS
 
 MODES = ("exact", "shared")
+PRECISIONS = ("float32", "bfloat16")
 
 # Bump when the meaning of stored features changes without any config field changing.
 FEATURE_FORMAT_VERSION = 1
@@ -15,6 +16,10 @@ FEATURE_FORMAT_VERSION = 1
 # Recorded for people but left out of the hash: they do not change a single number (the
 # weights are identified by their file hash, whichever way the user named the file).
 _DESCRIPTIVE = ("weights", "weights_file", "package_version")
+
+# Fields added after format 1, left out of the hash at the value that reproduces what was
+# computed before they existed, so existing stores keep their keys.
+_OMITTED_AT = {"mode": "exact", "precision": "float32"}
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,8 @@ class ExtractionConfig:
     mode : ``"exact"`` runs the backbone on every crop; ``"shared"`` runs it once per augmented
         image and average-pools each crop's window of the feature map
         (``features.feature_maps``).
+    precision : ``"float32"``, or ``"bfloat16"`` to run the backbone under Keras'
+        ``mixed_bfloat16`` policy (weights stay float32, features are returned as float32).
     stain : Macenko state (``reference``, ``reference_sha256``, ``stain_matrix``,
         ``max_concentrations``) or ``None`` to skip normalisation.
     seed : root of every random draw.
@@ -49,6 +56,7 @@ class ExtractionConfig:
     scale: float = 0.5
     pooling: str = "mean"
     mode: str = "exact"
+    precision: str = "float32"
     stain: dict | None = None
     seed: int = 0
     color_gain: float = 0.1
@@ -64,6 +72,7 @@ class ExtractionConfig:
             (0 < self.scale <= 4, "scale must be in (0, 4]"),
             (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),
             (0 <= self.color_shift <= 128, "color_shift must be in [0, 128]"),
         ]
@@ -87,7 +96,10 @@ class ExtractionConfig:
         return cls(**{k: v for k, v in record.items() if k in known})
 
     def hashed_dict(self) -> dict:
-        return {k: v for k, v in self.to_dict().items() if k not in _DESCRIPTIVE}
+        return {
+            k: v for k, v in self.to_dict().items()
+            if k not in _DESCRIPTIVE and not (k in _OMITTED_AT and v == _OMITTED_AT[k])
+        }
 
     @property
     def config_hash(self) -> str:

@@ -159,13 +159,21 @@ class FeatureExtractor:
                 f"(sha256 {config.weights_sha256}); features would not be comparable"
             )
         keras.utils.set_random_seed(config.seed)  # random-init backbones are reproducible
-        self.model = self.spec.build(weights_file)
+        # Keras only offers a process-wide dtype policy: set it for the build, then restore.
+        previous = keras.config.dtype_policy()
+        keras.config.set_dtype_policy(
+            "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
+        )
+        try:
+            self.model = self.spec.build(weights_file)
+        finally:
+            keras.config.set_dtype_policy(previous)
         self.device = describe_device()
-        log.info("backbone %s runs on %s", config.backbone, self.device)
+        log.info("backbone %s runs on %s in %s", config.backbone, self.device, config.precision)
         # One compiled graph per input shape; batches are padded to a fixed size to keep it so.
-        self._maps = tf.function(lambda x: self.model(x, training=False))
+        self._maps = tf.function(lambda x: tf.cast(self.model(x, training=False), tf.float32))
         self._forward = tf.function(
-            lambda x: tf.reduce_mean(self.model(x, training=False), axis=[1, 2])
+            lambda x: tf.reduce_mean(tf.cast(self.model(x, training=False), tf.float32), axis=[1, 2])
         )
 
     def check_side(self, side: int) -> None:

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from features.backbones import BACKBONES
-from features.config import MODES, ExtractionConfig
+from features.config import MODES, PRECISIONS, ExtractionConfig
 from features.pooling import POOLINGS
 
 log = logging.getLogger("pipeline.extract")
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'exact' runs the CNN on every crop; 'shared' runs it once per augmented "
                    "image and pools each crop's window of the feature map (much faster, "
                    "approximate at crop borders)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
+                   help="backbone arithmetic: bfloat16 is faster on CPUs with AVX512-BF16/AMX "
+                   "and on recent GPUs, with features within about 1%% of float32")
     p.add_argument("--stain-reference", default="auto",
                    help="Macenko reference image; 'auto' picks the most typical of up to 16 "
                    "dataset images; 'none' disables stain normalisation")
@@ -79,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             dataset, backbone=args.backbone, weights=args.weights,
             stain_reference=args.stain_reference, augmentations=args.augmentations,
             crops=args.crops, crop_size=args.crop_size, scale=args.scale,
-            pooling=args.pooling, mode=args.mode, seed=args.seed,
+            pooling=args.pooling, mode=args.mode, precision=args.precision,
+            seed=args.seed,
         )
         summary = extract_to_store(dataset, config, args.out, batch_size=args.batch_size,
                                    progress=not args.quiet)

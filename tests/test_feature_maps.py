@@ -42,3 +42,21 @@ def test_shared_map_of_a_whole_image_window_equals_the_exact_feature(extractor):
     whole.add(images[0][:, :64], np.array([[0, 0, 64]]))
     np.testing.assert_allclose(whole.finish()[0], extractor.features(images[:1, :, :64])[0],
                                rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_features_are_close_to_float32():
+    from features.augment import ColorAugmentation, augmented_crops
+    from data.synthetic import make_image
+
+    image = make_image("invasive", np.random.default_rng(0), size=(96, 96))
+    crops = augmented_crops(image, seed=0, image_id="x", aug_index=1, n_crops=4, crop_size=64,
+                            color=ColorAugmentation())
+    f32 = FeatureExtractor(ExtractionConfig(weights="none", crop_size=64), batch_size=4)
+    bf16 = FeatureExtractor(ExtractionConfig(weights="none", crop_size=64, precision="bfloat16"),
+                            batch_size=4)
+    a, b = f32.features(crops), bf16.features(crops)
+    assert b.dtype == np.float32 and not np.array_equal(a, b)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.98
+    import keras
+    assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
