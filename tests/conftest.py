@@ -42,3 +42,25 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         scheme="bach4",
         groups=True,
     )
+
+
+# --------------------------------------------------------------------------
+# features: a tiny data set for end-to-end extraction with random-init backbones
+# --------------------------------------------------------------------------
+
+#: Extraction options small enough for CPU tests (2 augmentations x 2 crops of 48 px).
+TINY_PROTOCOL = dict(augmentations=2, crops=2, crop_size=48, scale=1.0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Read-only synthetic bach4 folder: 2 images of 64 x 80 per class, seed 0."""
+    return write_dataset(tmp_path_factory.mktemp("tiny"), n_per_class=2, size=(64, 80), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tiny_dir: Path):
+    """``load_dataset(tiny_dir)``: 8 rows."""
+    from data.datasets import load_dataset
+
+    return load_dataset(tiny_dir)

@@ -37,13 +37,13 @@ XGB = dict(classifier="xgboost", n_jobs=1, device="cpu")  # one thread: the core
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tmp_path_factory):
-    return write_dataset(tmp_path_factory.mktemp("syn"), n_per_class=2, size=(64, 80), seed=0)
+def dataset_dir(tiny_dir):
+    return tiny_dir
 
 
 @pytest.fixture(scope="module")
-def dataset(dataset_dir):
-    return load_dataset(dataset_dir)
+def dataset(tiny_dataset):
+    return tiny_dataset
 
 
 @pytest.fixture(scope="module")
