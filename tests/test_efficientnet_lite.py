@@ -165,6 +165,16 @@ def imagenet_lite0():
     return build_efficientnet_lite("lite0", weights="imagenet", include_top=True, input_shape=(224, 224, 3))
 
 
+def test_lite2_imagenet_weights_recognise_a_cat():
+    model = build_efficientnet_lite("lite2", weights="imagenet", include_top=True,
+                                    input_shape=(260, 260, 3))
+    image = transform.resize(data.chelsea(), (260, 260), preserve_range=True, anti_aliasing=True)
+    probs = model.predict_on_batch(preprocess_input(image[None]))[0]
+    top3 = np.argsort(probs)[::-1][:3]
+    assert top3[0] == 285 and set(top3.tolist()) <= CAT_CLASSES  # Egyptian, tiger, tabby cat
+    assert probs[285] == pytest.approx(0.737, abs=0.05)
+
+
 @pytest.fixture(scope="module")
 def random_lite0_maps():
     return build_efficientnet_lite("lite0", weights=None, include_top=False, pooling=None)
