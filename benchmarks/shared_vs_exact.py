@@ -79,7 +79,7 @@ def cv_accuracy(store, schemes, classifiers, seeds) -> dict:
             result = run_cross_validation(dataset, CVConfig(scheme=scheme, seed=seed,
                                                             classifiers=tuple(classifiers)))
             for name, run in summarize(result)["runs"].items():
-                out.setdefault(f"{scheme}/{name}", []).append(run["accuracy"])
+                out.setdefault(f"{scheme}/{name}", []).append(run["majority"]["accuracy"])
     return {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, v)
             for k, v in out.items()}
 
