@@ -84,7 +84,10 @@ def per_class_table(truth, pred, classes) -> pd.DataFrame:
 
 
 def _binary_row(comparison: str, truth, pred, negative: str, positive: str, n_excluded: int = 0) -> dict:
-    tn, fp, fn, tp = confusion_matrix(truth, pred, labels=[negative, positive]).ravel()
+    if len(truth) == 0:  # no image of the pair was predicted as either class (sklearn refuses empty input)
+        tn = fp = fn = tp = 0
+    else:
+        tn, fp, fn, tp = confusion_matrix(truth, pred, labels=[negative, positive]).ravel()
     return {
         "comparison": comparison,
         "positive": positive,

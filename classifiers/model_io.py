@@ -167,7 +167,7 @@ def _classifier_params(estimator) -> dict:
     return _json_params(estimator.get_params(deep=False))
 
 
-def train_model(dataset: CVDataset, config: TrainConfig) -> TrainedModel:
+def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> TrainedModel:
     """Fit the final model on every row of ``dataset`` (all images, all augmentations).
 
     Parameters
@@ -175,6 +175,9 @@ def train_model(dataset: CVDataset, config: TrainConfig) -> TrainedModel:
     dataset : CVDataset
         From :func:`classifiers.dataset.build_dataset` in ``config.scheme``.
     config : TrainConfig
+    client : distributed.Client, optional
+        Train XGBoost with ``xgboost.dask`` on this cluster
+        (:mod:`classifiers.dask_xgboost`); the saved model is the same kind of file.
 
     Returns
     -------
@@ -192,7 +195,14 @@ def train_model(dataset: CVDataset, config: TrainConfig) -> TrainedModel:
     fusion = "single" if n_stores == 1 else config.fusion
     name = config.classifier if n_stores == 1 else f"{config.classifier}-{fusion}"
     spec = RunSpec(name, config.classifier, fusion, tuple(range(n_stores)))
-    fitted = fit_run_model(dataset, spec, config.cv_config(), rows=None)
+    training = {}
+    if client is None:
+        fitted = fit_run_model(dataset, spec, config.cv_config(), rows=None)
+    else:
+        from classifiers.dask_xgboost import fit_run_model_on_dask
+
+        fitted = fit_run_model_on_dask(dataset, spec, config.cv_config(), client)
+        training["dask_workers"] = len(client.nthreads())
     per_class = dataset.images["label"].value_counts()
     return TrainedModel(
         fitted=fitted,
@@ -209,6 +219,7 @@ def train_model(dataset: CVDataset, config: TrainConfig) -> TrainedModel:
             "n_rows": int(len(dataset.meta)),
             "images_per_class": {c: int(per_class.get(c, 0)) for c in dataset.classes},
             "seed": config.seed,
+            **training,
         },
         package_version=package_version(),
     )

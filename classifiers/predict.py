@@ -106,7 +106,7 @@ def check_weights(config, store_name: str, weights_override: str | None = None) 
     ModelCompatibilityError
         When the file is missing or its sha256 differs from the config's.
     """
-    from features.backbones import WeightsNotFoundError, file_sha256, get_backbone, resolve_weights
+    from features.backbones import WeightsNotFoundError, get_backbone, resolve_weights, weights_sha256
 
     spec = get_backbone(config.backbone)
     if config.weights_sha256 is None and weights_override is None:
@@ -118,7 +118,7 @@ def check_weights(config, store_name: str, weights_override: str | None = None) 
             f"store {store_name!r} ({config.backbone}): weights not found on this machine: {exc}. "
             + _weights_advice(spec, config, None)
         ) from None
-    digest = None if local is None else file_sha256(local)
+    digest = None if local is None else weights_sha256(spec, local)
     if digest != config.weights_sha256:
         raise ModelCompatibilityError(
             f"store {store_name!r} ({config.backbone}): the weights file on this machine, {local}, has sha256 "
@@ -151,7 +151,7 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
     """
     from dataclasses import replace
 
-    from features.backbones import BACKBONES
+    from features.backbones import BACKBONES, TRAINED_BACKBONES
     from features.config import FEATURE_FORMAT_VERSION, ExtractionConfig
 
     weights = dict(weights or {})
@@ -161,10 +161,11 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
     configs = []
     for name, record in zip(model.store_names, model.store_configs):
         backbone = record.get("backbone")
-        if backbone not in BACKBONES:
+        if backbone not in BACKBONES and backbone not in TRAINED_BACKBONES:
             raise ModelCompatibilityError(
                 f"store {name!r}: the model needs backbone {backbone!r}, which this version does not "
-                f"have (known: {', '.join(sorted(BACKBONES))}); {retrain}"
+                f"have (known: {', '.join(sorted(BACKBONES))}), nor a trained backbone "
+                f"({', '.join(sorted(TRAINED_BACKBONES))}); {retrain}"
             )
         if record.get("feature_format") != FEATURE_FORMAT_VERSION:
             raise ModelCompatibilityError(

@@ -43,7 +43,9 @@ def summarize(result: CVResult) -> dict:
     runs = {}
     for run in result.runs:
         row_pred = np.asarray(dataset.classes)[np.argmax(run.row_proba, axis=1)]
-        row_acc = float(np.mean(row_pred == dataset.row_labels))
+        # Runs whose rows are not the stores' rows (two-stage views) carry their own labels.
+        row_labels = getattr(run, "row_labels", None)
+        row_acc = float(np.mean(row_pred == (dataset.row_labels if row_labels is None else row_labels)))
         runs[run.spec.name] = {
             "classifier": run.spec.classifier,
             "fusion": run.spec.fusion,
@@ -51,6 +53,7 @@ def summarize(result: CVResult) -> dict:
             **run_metrics(run.predictions, dataset.classes, dataset.scheme, row_accuracy=row_acc),
         }
     folds = result.folds
+    extra = {"two_stage": result.two_stage} if getattr(result, "two_stage", None) else {}
     return {
         "config": {
             "scheme": config.scheme,
@@ -89,6 +92,7 @@ def summarize(result: CVResult) -> dict:
         "runs": runs,
         "seconds": round(result.seconds, 2),
         "environment": {"python": platform.python_version()},
+        **extra,
     }
 
 
@@ -228,6 +232,18 @@ def _html(summary: dict, pictures: dict) -> str:
         "<h2>Per-fold accuracy (majority voting)</h2>",
         _html_table(_fold_table(summary), index=True),
     ]
+    if "two_stage" in summary:
+        info = summary["two_stage"]
+        parts += [
+            "<h2>Two-stage CNN (Nazeri et al. 2018)</h2>",
+            "<p class='note'>Both networks trained from scratch inside each training fold. Runs: two_stage "
+            "(single pass), two_stage_ensemble (8 rotations/flips; majority = vote of the views, mean "
+            "probability = the paper's rule), patch_majority / patch_max / patch_sum (patch-fusion "
+            f"baselines, single pass). Stain reference: {esc(str(info['stain_reference']))}; "
+            f"{info['seconds']:.0f} s.</p>",
+            _html_table(pd.DataFrame(info["folds"])),
+            f"<pre>{esc(json.dumps(info['config'], indent=1))}</pre>",
+        ]
     for name, r in summary["runs"].items():
         maj = r["majority"]
         parts += [

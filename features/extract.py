@@ -5,14 +5,17 @@ the backbone, through a bounded queue, so decoding overlaps inference and peak m
 few augmentations' crops whatever the number of images.  Batches have a fixed shape and never
 mix images (the last batch of an image is zero-padded): one compiled graph per crop side, and an
 image's features do not depend on which images were run before it, so a resumed run equals an
-uninterrupted one bit for bit.
+uninterrupted one bit for bit.  :func:`extract_one_image` runs the same steps for one image
+without the thread, for runs where each image is a separate task (``features.distributed``).
 """
 from __future__ import annotations
 
 import logging
 import queue
+import random
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +27,7 @@ from tqdm.auto import tqdm
 from data.io import ImageReadError, read_image
 from features.augment import ColorAugmentation, augmented_crops, draw_augmentation
 from features.feature_maps import pool_windows
-from features.backbones import file_sha256, get_backbone, resolve_weights
+from features.backbones import file_sha256, get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.pooling import pool_features
 from features.stain import MacenkoNormalizer, StainNormalizationError
@@ -118,7 +121,7 @@ def make_config(
     return ExtractionConfig(
         backbone=backbone,
         weights="none" if weights_file is None else str(weights),
-        weights_sha256=None if weights_file is None else file_sha256(weights_file),
+        weights_sha256=None if weights_file is None else weights_sha256(spec, weights_file),
         weights_file=None if weights_file is None else str(weights_file),
         stain=stain,
         **options,
@@ -133,6 +136,35 @@ def describe_device() -> str:
     if gpus:
         return f"GPU ({', '.join(g.name for g in gpus)})"
     return "CPU (TensorFlow sees no GPU)"
+
+
+_KERAS_SEEDS_LOCK = threading.Lock()
+
+
+@contextmanager
+def _private_keras_seeds(seed: int):
+    """Give Keras a private ``random.Random(seed)`` for the seeds of unseeded initializers.
+
+    Keras draws them from the process-wide ``random`` module, which other threads also draw
+    from (a dask worker's event loop, for one): random-init weights built outside the main
+    thread then depend on thread timing.  ``Random(seed)`` yields what ``random`` yields after
+    ``keras.utils.set_random_seed(seed)``, so the weights are those of a quiet process.  Only
+    random-init backbones are affected; loaded weights replace the initial ones anyway.
+    """
+    try:
+        from keras.src.random import seed_generator
+    except ImportError:  # another Keras layout: keep its behaviour
+        seed_generator = None
+    if seed_generator is None or not hasattr(seed_generator, "python_random"):
+        yield
+        return
+    with _KERAS_SEEDS_LOCK:
+        shared = seed_generator.python_random
+        seed_generator.python_random = random.Random(seed)
+        try:
+            yield
+        finally:
+            seed_generator.python_random = shared
 
 
 class FeatureExtractor:
@@ -153,7 +185,7 @@ class FeatureExtractor:
         self.config, self.batch_size = config, batch_size
         self.spec = get_backbone(config.backbone)
         weights_file = resolve_weights(self.spec, config.weights)
-        if weights_file is not None and file_sha256(weights_file) != config.weights_sha256:
+        if weights_file is not None and weights_sha256(self.spec, weights_file) != config.weights_sha256:
             raise ValueError(
                 f"weights file {weights_file} differs from the one this config was made with "
                 f"(sha256 {config.weights_sha256}); features would not be comparable"
@@ -165,15 +197,20 @@ class FeatureExtractor:
             "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
         )
         try:
-            self.model = self.spec.build(weights_file)
+            with _private_keras_seeds(config.seed):
+                self.model = self.spec.build(weights_file)
         finally:
             keras.config.set_dtype_policy(previous)
         self.device = describe_device()
         log.info("backbone %s runs on %s in %s", config.backbone, self.device, config.precision)
         # One compiled graph per input shape; batches are padded to a fixed size to keep it so.
-        self._maps = tf.function(lambda x: tf.cast(self.model(x, training=False), tf.float32))
+        # autograph=False: plain tensor code, nothing to convert (and no warning about lambdas).
+        self._maps = tf.function(
+            lambda x: tf.cast(self.model(x, training=False), tf.float32), autograph=False
+        )
         self._forward = tf.function(
-            lambda x: tf.reduce_mean(tf.cast(self.model(x, training=False), tf.float32), axis=[1, 2])
+            lambda x: tf.reduce_mean(tf.cast(self.model(x, training=False), tf.float32), axis=[1, 2]),
+            autograph=False,
         )
 
     def check_side(self, side: int) -> None:
@@ -269,44 +306,79 @@ class ExtractionSummary:
 _END = object()
 
 
-def _prepare(row, config: ExtractionConfig, normalizer, color, out: queue.Queue, stop):
-    """Producer for one image: puts ('aug', i, crops) items, then ('end', note) or ('error')."""
+@dataclass(frozen=True)
+class Preprocessing:
+    """Per-run state of the image side: the fitted Macenko normaliser (or None) and the
+    colour augmentation, both rebuilt from the config alone."""
+
+    normalizer: MacenkoNormalizer | None
+    color: ColorAugmentation
+
+    @classmethod
+    def from_config(cls, config: ExtractionConfig) -> "Preprocessing":
+        normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
+        return cls(normalizer, ColorAugmentation(config.color_gain, config.color_shift))
+
+
+def _image_items(row, config: ExtractionConfig, prep: Preprocessing):
+    """One image's prepared work: ``('aug', i, payload)`` per augmentation then ``('end', note)``,
+    or a single ``('error', reason)`` when the file cannot be read."""
     try:
         image = scale_image(read_image(row.path), config.scale)
     except ImageReadError as exc:
-        out.put(("error", exc.reason))
+        yield ("error", exc.reason)
         return
     note = None
-    if normalizer is not None:
-        image, note = normalizer.transform_or_keep(image)
+    if prep.normalizer is not None:
+        image, note = prep.normalizer.transform_or_keep(image)
+    color = prep.color
     for aug in range(config.augmentations):
-        if stop.is_set():
-            return
         if config.mode == "shared":
             draw = draw_augmentation(
                 seed=config.seed, image_id=row.image_id, aug_index=aug, height=image.shape[0],
                 width=image.shape[1], n_crops=config.crops, crop_size=config.crop_size,
                 color=color,
             )
-            out.put(("aug", aug, (color.apply(image, draw.gain, draw.shift), draw.windows)))
+            yield ("aug", aug, (color.apply(image, draw.gain, draw.shift), draw.windows))
             continue
         crops = augmented_crops(
             image, seed=config.seed, image_id=row.image_id, aug_index=aug,
             n_crops=config.crops, crop_size=config.crop_size, color=color,
         )
-        out.put(("aug", aug, crops))
-    out.put(("end", note))
+        yield ("aug", aug, crops)
+    yield ("end", note)
+
+
+class _PooledImage:
+    """Consumer side of one image: batches its crops through the backbone, then pools them
+    into one vector per augmentation."""
+
+    def __init__(self, config: ExtractionConfig, extractor: FeatureExtractor):
+        self.config = config
+        self.batcher = (MapBatcher if config.mode == "shared" else ImageBatcher)(extractor)
+
+    def add(self, payload) -> None:
+        if self.config.mode == "shared":
+            self.batcher.add(*payload)
+        else:
+            self.batcher.add(payload)
+
+    def finish(self) -> np.ndarray:
+        crop_features = self.batcher.finish().reshape(self.config.augmentations, self.config.crops, -1)
+        return np.stack([pool_features(f, self.config.pooling) for f in crop_features])
 
 
 def _producer(rows, config, out: queue.Queue, stop: threading.Event):
-    normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
-    color = ColorAugmentation(config.color_gain, config.color_shift)
+    prep = Preprocessing.from_config(config)
     try:
         for row in rows:
             if stop.is_set():
                 break
             out.put(("start", row))
-            _prepare(row, config, normalizer, color, out, stop)
+            for item in _image_items(row, config, prep):
+                if stop.is_set():
+                    break
+                out.put(item)
     except BaseException as exc:  # surface unexpected failures in the main thread
         out.put(("fatal", exc))
     finally:
@@ -323,23 +395,17 @@ def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtrac
     stop = threading.Event()
     thread = threading.Thread(target=_producer, args=(rows, config, items, stop), daemon=True)
     thread.start()
-    row, batcher = None, None
+    row, pooled = None, None
     try:
         while (item := items.get()) is not _END:
             kind = item[0]
             if kind == "start":
-                batcher_class = MapBatcher if config.mode == "shared" else ImageBatcher
-                row, batcher = item[1], batcher_class(extractor)
+                row, pooled = item[1], _PooledImage(config, extractor)
             elif kind == "aug":
-                if config.mode == "shared":
-                    batcher.add(*item[2])
-                else:
-                    batcher.add(item[2])
+                pooled.add(item[2])
                 summary.crops += config.crops
             elif kind == "end":
-                crop_features = batcher.finish().reshape(config.augmentations, config.crops, -1)
-                pooled = np.stack([pool_features(f, config.pooling) for f in crop_features])
-                yield row, pooled, item[1]
+                yield row, pooled.finish(), item[1]
             elif kind == "error":
                 summary.skipped.append({"image_id": row.image_id, "path": row.path, "reason": item[1]})
                 log.warning("skipped %s: %s", row.path, item[1])
@@ -352,6 +418,83 @@ def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtrac
                 items.get(timeout=0.1)
             except queue.Empty:
                 pass
+
+
+@dataclass
+class ImageFeatures:
+    """One image's result from :func:`extract_one_image`.
+
+    Attributes
+    ----------
+    features : ``(augmentations, feature_dim)`` float32, or ``None`` when the image was skipped.
+    stain_note : why Macenko was not applied (the image is then kept unnormalised), else ``None``.
+    skip_reason : why the image could not be read, else ``None``.
+    crops : crops run through the backbone.
+    """
+
+    features: np.ndarray | None
+    stain_note: str | None = None
+    skip_reason: str | None = None
+    crops: int = 0
+
+
+def extract_one_image(row, config: ExtractionConfig, extractor: FeatureExtractor,
+                      prep: Preprocessing | None = None) -> ImageFeatures:
+    """Extract one image synchronously, with exactly the computation of
+    :func:`iter_image_features` (same items, batches and pooling), so its features are equal
+    bit for bit; used where images are independent tasks (``features.distributed``).
+
+    Parameters
+    ----------
+    row : anything with ``image_id`` and ``path`` attributes (a dataset row).
+    config : the resolved extraction config.
+    extractor : a :class:`FeatureExtractor` for ``config``.
+    prep : :meth:`Preprocessing.from_config` of ``config``, built here when omitted.
+    """
+    prep = prep or Preprocessing.from_config(config)
+    pooled, crops = _PooledImage(config, extractor), 0
+    for item in _image_items(row, config, prep):
+        if item[0] == "error":
+            return ImageFeatures(None, skip_reason=item[1])
+        if item[0] == "aug":
+            pooled.add(item[2])
+            crops += config.crops
+        else:
+            return ImageFeatures(pooled.finish(), stain_note=item[1], crops=crops)
+    raise AssertionError("unreachable: _image_items always ends with 'end' or 'error'")
+
+
+def plan_extraction(dataset: pd.DataFrame, store: FeatureStore,
+                    summary: ExtractionSummary) -> tuple[list, dict]:
+    """Split ``dataset`` into images still to extract and images already in ``store``.
+
+    Finished images get their label/group/path refreshed and go to ``summary.cached``; files
+    that cannot be hashed go to ``summary.skipped``.  Returns ``(todo rows, {image_id:
+    source sha256})``.
+    """
+    todo, hashes = [], {}
+    for row in dataset.itertuples(index=False):
+        try:
+            hashes[row.image_id] = file_sha256(row.path)
+        except OSError as exc:
+            summary.skipped.append({"image_id": row.image_id, "path": row.path, "reason": str(exc)})
+            continue
+        if store.is_done(row.image_id, hashes[row.image_id]):
+            store.update_meta(row.image_id, row.label, row.group, row.path)
+            summary.cached.append(row.image_id)
+        else:
+            todo.append(row)
+    log.info("%d images to extract, %d already in %s", len(todo), len(summary.cached), store.path)
+    return todo, hashes
+
+
+def write_image_record(store: FeatureStore, row, source_sha256: str, features: np.ndarray,
+                       stain_note: str | None) -> None:
+    """Atomically store one finished image (``row`` has ``image_id, label, group, path``)."""
+    store.write(make_record(
+        image_id=row.image_id, label=row.label, group=row.group, path=row.path,
+        source_sha256=source_sha256, features=features, stain_note=stain_note,
+    ))
 
 
 def extract_to_store(
@@ -368,29 +511,14 @@ def extract_to_store(
     """
     store = FeatureStore(store_root, config).open()
     summary = ExtractionSummary(store_path=store.path)
-    todo, hashes = [], {}
-    for row in dataset.itertuples(index=False):
-        try:
-            hashes[row.image_id] = file_sha256(row.path)
-        except OSError as exc:
-            summary.skipped.append({"image_id": row.image_id, "path": row.path, "reason": str(exc)})
-            continue
-        if store.is_done(row.image_id, hashes[row.image_id]):
-            store.update_meta(row.image_id, row.label, row.group, row.path)
-            summary.cached.append(row.image_id)
-        else:
-            todo.append(row)
-    log.info("%d images to extract, %d already in %s", len(todo), len(summary.cached), store.path)
+    todo, hashes = plan_extraction(dataset, store, summary)
     if todo:
         extractor = FeatureExtractor(config, batch_size=batch_size)
         summary.device = extractor.device
         start = time.perf_counter()
         bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=config.backbone)
         for row, feats, note in iter_image_features(todo, config, extractor, summary):
-            store.write(make_record(
-                image_id=row.image_id, label=row.label, group=row.group, path=row.path,
-                source_sha256=hashes[row.image_id], features=feats, stain_note=note,
-            ))
+            write_image_record(store, row, hashes[row.image_id], feats, note)
             summary.done.append(row.image_id)
             if note:
                 summary.unnormalized.append({"image_id": row.image_id, "reason": note})
@@ -422,6 +550,6 @@ def extract_in_memory(
             summary.unnormalized.append({"image_id": row.image_id, "reason": note})
     summary.seconds = time.perf_counter() - start
     meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path", "stain_note"])
-    X = np.concatenate(blocks) if blocks else np.zeros((0, extractor.spec.feature_dim), np.float32)
+    X = np.concatenate(blocks) if blocks else np.zeros((0, extractor.model.output_shape[-1]), np.float32)
     record = {**config.to_dict(), "config_hash": config.config_hash}
     return FeatureTable(meta=meta, X=X, config=record), summary

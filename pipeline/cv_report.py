@@ -2,14 +2,17 @@
 
 Usage::
 
-    python -m pipeline.cv_report --features STORE_DIR [STORE_DIR ...] --out REPORT_DIR \\
-        [--labels bach4|bmc3|binary] [--folds 6] [--classifier xgboost|logreg] [--seed S] \\
-        [--fusion concat|mean-proba] [--n-jobs 2] [--device auto|cpu|cuda]
+    python -m pipeline.cv_report [--features STORE_DIR [STORE_DIR ...]] [--data DIR_OR_CSV] \\
+        --out REPORT_DIR [--labels bach4|bmc3|binary] [--folds 6] \\
+        [--classifier xgboost|logreg|two_stage] [--seed S] [--fusion concat|mean-proba] \\
+        [--n-jobs 2] [--device auto|cpu|cuda] \\
+        [--two-stage-preset paper|cpu] [--two-stage-config JSON] [--two-stage-stain none|auto|IMAGE]
 
 ``--classifier`` and ``--fusion`` may be repeated or comma-separated; by default
-both classifiers run, and with several stores both fusions.  This module only
-parses arguments, builds a :class:`classifiers.CVConfig`, calls the library
-and writes the report (see :mod:`classifiers.report` for the files).
+both feature classifiers run on ``--features``, and the two-stage CNN on ``--data``
+(:mod:`classifiers.two_stage_cv`; its per-fold models and checkpoints go to
+``REPORT_DIR/two_stage_folds``).  This module only parses arguments, builds the configs,
+calls the library and writes the report (see :mod:`classifiers.report` for the files).
 """
 
 from __future__ import annotations
@@ -24,11 +27,27 @@ import os
 # scikit-learn / XGBoost are imported; an explicit user setting wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+import json
+from dataclasses import replace
+from pathlib import Path
+
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.models import DEVICE_CHOICES, DeviceUnavailableError
 
+from classifiers.two_stage import TwoStageInputError
+from classifiers.two_stage_training import CheckpointMismatchError
+from data.datasets import DatasetError
+from data.io import ImageReadError
+from features.stain import StainNormalizationError
+
 logger = logging.getLogger("pipeline.cv_report")
+#: Input errors of the two-stage path, reported as "error: ..." with exit status 2.
+_TWO_STAGE_ERRORS = (TwoStageInputError, CheckpointMismatchError, DatasetError, ImageReadError,
+                     StainNormalizationError)
 SCHEME_CHOICES = ("bach4", "bmc3", "binary")
+TWO_STAGE = "two_stage"
+ALL_CLASSIFIERS = CLASSIFIER_NAMES + (TWO_STAGE,)
+TWO_STAGE_PRESETS = ("paper", "cpu")  # classifiers.two_stage_cv.PRESETS (not imported: TensorFlow)
 
 
 def _choices_list(allowed):
@@ -51,20 +70,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Grouped K-fold cross-validation with per-image voting on CNN feature stores; "
         "writes metrics.json, predictions.csv, tables, pictures and report.html.",
     )
-    parser.add_argument("--features", nargs="+", required=True, metavar="STORE_DIR",
+    parser.add_argument("--features", nargs="+", metavar="STORE_DIR",
                         help="feature store directories (several = several backbones of the same images)")
+    parser.add_argument("--data", metavar="DIR_OR_CSV",
+                        help="image folder or manifest for --classifier two_stage (with --features: the "
+                        "same images, which then share one fold assignment)")
     parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for the report files")
     parser.add_argument("--labels", default="bach4", choices=SCHEME_CHOICES,
                         help="label scheme to report in (default bach4); bach4 stores map to bmc3/binary")
     parser.add_argument("--folds", type=int, default=6, help="number of grouped folds (default 6)")
-    parser.add_argument("--classifier", action="append", type=_choices_list(CLASSIFIER_NAMES),
-                        help="xgboost, logreg or both (repeat or comma-separate; default both)")
+    parser.add_argument("--classifier", action="append", type=_choices_list(ALL_CLASSIFIERS),
+                        help="xgboost, logreg, two_stage (repeat or comma-separate; default xgboost and "
+                        "logreg with --features, two_stage with --data)")
     parser.add_argument("--fusion", action="append", type=_choices_list(FUSION_CHOICES),
                         help="with several stores: concat, mean-proba or both (default both)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and classifiers (default 0)")
     parser.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads (default 2)")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="XGBoost device: auto (GPU if usable, else CPU), cpu, or cuda (fail without GPU)")
+    two = parser.add_argument_group("two-stage CNN (--classifier two_stage)")
+    two.add_argument("--two-stage-preset", default="paper", choices=TWO_STAGE_PRESETS,
+                     help="starting config: paper (Nazeri et al.: 512-px patches at full resolution, 30+30 "
+                     "epochs) or cpu (scale 0.25, 128-px patches, half the patch-wise width, 10 epochs: see README)")
+    two.add_argument("--two-stage-config", metavar="JSON",
+                     help="TwoStageConfig fields overriding the preset: a JSON file or an inline JSON "
+                     "object, e.g. '{\"epochs\": 5}' (scheme, seed and stain come from --labels, --seed, "
+                     "--two-stage-stain)")
+    two.add_argument("--two-stage-stain", default="none", metavar="none|auto|IMAGE",
+                     help="Macenko normalisation: none (default; the paper relies on colour augmentation), "
+                     "auto (reference fitted inside each training fold) or a reference image")
+    two.add_argument("--two-stage-keep-checkpoints", action="store_true",
+                     help="keep every fold's epoch checkpoints after its model is saved")
+    two.add_argument("--progress", action="store_true", help="progress bars over training batches")
     return parser
 
 
@@ -74,17 +111,47 @@ def _flatten(values, default) -> tuple:
     return tuple(dict.fromkeys(name for group in values for name in group))  # keep order, drop repeats
 
 
+def selected_classifiers(args: argparse.Namespace) -> tuple:
+    """``--classifier`` names, or the defaults for the inputs given."""
+    default = (CLASSIFIER_NAMES if args.features else ()) + ((TWO_STAGE,) if args.data else ())
+    return _flatten(args.classifier, default)
+
+
 def config_from_args(args: argparse.Namespace) -> CVConfig:
-    """Build the :class:`CVConfig` from parsed arguments."""
+    """Build the :class:`CVConfig` of the feature classifiers from parsed arguments."""
     return CVConfig(
         scheme=args.labels,
         n_folds=args.folds,
-        classifiers=_flatten(args.classifier, CLASSIFIER_NAMES),
+        classifiers=tuple(c for c in selected_classifiers(args) if c != TWO_STAGE),
         fusion=_flatten(args.fusion, FUSION_CHOICES),
         seed=args.seed,
         n_jobs=args.n_jobs,
         device=args.device,
     )
+
+
+def two_stage_overrides(text: str | None) -> dict:
+    """``--two-stage-config``: a JSON file, or an inline JSON object."""
+    if not text:
+        return {}
+    source = text if text.lstrip().startswith("{") else Path(text).read_text(encoding="utf-8")
+    record = json.loads(source)
+    if not isinstance(record, dict):
+        raise ValueError("--two-stage-config must be a JSON object of TwoStageConfig fields")
+    return record
+
+
+def _check_inputs(parser, args, classifiers) -> None:
+    if TWO_STAGE in classifiers and not args.data:
+        parser.error("--classifier two_stage needs the images: --data DIR_OR_CSV")
+    if TWO_STAGE not in classifiers and args.data:
+        parser.error("--data is used by --classifier two_stage only; add it or drop --data")
+    if any(c != TWO_STAGE for c in classifiers) and not args.features:
+        parser.error("xgboost and logreg need --features STORE_DIR")
+    if args.features and all(c == TWO_STAGE for c in classifiers):
+        parser.error("--features given but no feature classifier selected (xgboost, logreg)")
+    if not args.features and not args.data:
+        parser.error("give --features STORE_DIR (deep-feature classifiers) and/or --data DIR_OR_CSV (two_stage)")
 
 
 def _number(value) -> float:
@@ -101,9 +168,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    classifiers = selected_classifiers(args)
+    _check_inputs(parser, args, classifiers)
     config = config_from_args(args)
     try:
-        config.validate()
+        # With two_stage alone, the feature classifiers' list is empty: check the rest anyway.
+        (config if config.classifiers else replace(config, classifiers=CLASSIFIER_NAMES[:1])).validate()
     except ValueError as exc:
         parser.error(str(exc))
 
@@ -111,10 +181,16 @@ def main(argv=None) -> dict:
     from classifiers.report import write_report
 
     try:
-        tables = [load_store(path) for path in args.features]
-        dataset = build_dataset(tables, config.scheme)
-        result = run_cross_validation(dataset, config)
-    except (InputDataError, StoreError, DeviceUnavailableError, FileNotFoundError) as exc:
+        tables = [load_store(path) for path in args.features or ()]
+        if TWO_STAGE in classifiers:
+            result = _two_stage(args, config, tables)
+        else:
+            dataset = build_dataset(tables, config.scheme)
+            result = run_cross_validation(dataset, config)
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted; rerun the same command to resume (finished two-stage "
+                    f"folds and epochs are kept under {Path(args.out) / 'two_stage_folds'})\n")
+    except (InputDataError, StoreError, DeviceUnavailableError, FileNotFoundError) + _TWO_STAGE_ERRORS as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     written = write_report(result, args.out)
     for name, run in written["summary"]["runs"].items():
@@ -126,6 +202,25 @@ def main(argv=None) -> dict:
         )
     logger.info("report written to %s (%d files)", args.out, len(written["files"]))
     return written
+
+
+def _two_stage(args, config: CVConfig, tables):
+    """Cross-validate the two-stage CNN (and the feature classifiers on `tables`) on shared folds."""
+    from classifiers import two_stage_cv
+    from data.datasets import load_dataset
+
+    try:
+        two_stage = two_stage_cv.make_config(args.two_stage_preset, two_stage_overrides(args.two_stage_config),
+                                             scheme=config.scheme, seed=config.seed)
+    except (ValueError, TypeError) as exc:  # bad JSON, unknown or invalid fields
+        raise InputDataError(f"--two-stage-config: {exc}") from None
+    logger.info("two-stage CNN config: %s", json.dumps({k: v for k, v in two_stage.to_dict().items()
+                                                        if k != "stain"}))
+    data = load_dataset(args.data, scheme=config.scheme)
+    return two_stage_cv.cross_validate(
+        data, two_stage, config, Path(args.out) / "two_stage_folds", tables=tables,
+        stain_reference=args.two_stage_stain, keep_checkpoints=args.two_stage_keep_checkpoints,
+        progress=args.progress)
 
 
 if __name__ == "__main__":

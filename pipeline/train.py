@@ -4,12 +4,14 @@
 
     python -m pipeline.train --features STORE_DIR [STORE_DIR ...] --out MODEL_DIR \\
         [--labels bach4|bmc3|binary] [--classifier xgboost|logreg] [--fusion concat|mean-proba] \\
-        [--seed S] [--n-jobs 2] [--device auto|cpu|cuda] [--overwrite]
+        [--seed S] [--n-jobs 2] [--device auto|cpu|cuda] [--dask SCHEDULER_ADDRESS|local:N] \\
+        [--overwrite]
 
 The model is the one ``pipeline.cv_report`` evaluates (same classifier, defaults and fusion),
 fitted on every image.  The model directory holds only data (JSON and ``.npz``) plus the
 stores' extraction configs, so ``pipeline.predict`` can reproduce the features of new images
-(see :mod:`classifiers.model_io`).
+(see :mod:`classifiers.model_io`).  ``--dask`` trains XGBoost with ``xgboost.dask`` on a
+``dask.distributed`` cluster (:mod:`classifiers.dask_xgboost`); the model directory is the same.
 """
 
 from __future__ import annotations
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="classifier seed")
     p.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="XGBoost training device")
+    p.add_argument("--dask", metavar="SCHEDULER_ADDRESS",
+                   help="train XGBoost with xgboost.dask on a dask.distributed cluster (tcp://HOST:PORT), "
+                   "or 'local:N' to start N worker processes here; each worker trains with its own threads")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
     return p
 
@@ -65,9 +70,17 @@ def main(argv=None) -> int:
                          seed=args.seed, n_jobs=args.n_jobs, device=args.device)
     try:
         config.validate()
+        if args.dask and config.classifier != "xgboost":
+            raise ValueError(f"--dask trains xgboost only; train {config.classifier} without --dask")
         tables = [load_store(path) for path in args.features]
         dataset = build_dataset(tables, config.scheme)
-        model = train_model(dataset, config)
+        if args.dask:
+            from features.distributed import dask_client
+
+            with dask_client(args.dask) as client:
+                model = train_model(dataset, config, client=client)
+        else:
+            model = train_model(dataset, config)
         out = save_model(model, args.out, overwrite=args.overwrite)
     except (InputDataError, StoreError, DeviceUnavailableError, FileExistsError, FileNotFoundError,
             ValueError) as exc:
@@ -88,7 +101,8 @@ def report(model, out) -> str:
     )
     lines = [
         f"model: {model.fitted.spec.name} ({model.classifier}, fusion {model.fusion}), scheme {model.scheme}",
-        f"trained on {t['n_images']} images ({per_class}), {t['n_rows']} augmentation rows",
+        f"trained on {t['n_images']} images ({per_class}), {t['n_rows']} augmentation rows"
+        + (f", on {t['dask_workers']} dask workers" if "dask_workers" in t else ""),
         f"stores: {stores}",
     ]
     if model.absent_classes:

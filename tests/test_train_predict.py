@@ -198,7 +198,7 @@ def test_refuses_another_model_format_version(logreg_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("change, expected", [
     (lambda r: r["stores"][0]["config"].update(backbone="vgg99"),
-     "needs backbone 'vgg99', which this version does not have (known: efficientnet_lite0, resnet50, xception)"),
+     "needs backbone 'vgg99', which this version does not have (known: efficientnet_lite0, "),
     (lambda r: r["stores"][0]["config"].update(feature_format=7),
      "features are in feature format 7, this version extracts format 1"),
     (lambda r: r["stores"][0]["config"].update(tile_overlap=0.5),
