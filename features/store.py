@@ -167,3 +167,18 @@ def load_store(path: Path | str) -> FeatureTable:
         blocks.append(r["features"])
     meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
     return FeatureTable(meta=meta, X=np.concatenate(blocks).astype(np.float32), config=config)
+
+
+def exclude_images(table: FeatureTable, image_ids) -> FeatureTable:
+    """``table`` without the rows of ``image_ids`` (e.g. images held out for a demo).
+
+    Raises :class:`StoreError` naming any id the store does not hold, so a typo does not
+    silently train on the image it meant to hold out.
+    """
+    image_ids = list(dict.fromkeys(image_ids))
+    missing = sorted(set(image_ids) - set(table.meta["image_id"]))
+    if missing:
+        raise StoreError(f"cannot exclude images the store does not hold: {', '.join(missing)}")
+    keep = ~table.meta["image_id"].isin(image_ids).to_numpy()
+    return FeatureTable(meta=table.meta[keep].reset_index(drop=True), X=table.X[keep],
+                        config=table.config)

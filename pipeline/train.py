@@ -5,7 +5,7 @@
     python -m pipeline.train --features STORE_DIR [STORE_DIR ...] --out MODEL_DIR \\
         [--labels bach4|bmc3|binary] [--classifier xgboost|logreg] [--fusion concat|mean-proba] \\
         [--seed S] [--n-jobs 2] [--device auto|cpu|cuda] [--dask SCHEDULER_ADDRESS|local:N] \\
-        [--overwrite]
+        [--exclude IMAGE_ID ...] [--overwrite]
 
 The model is the one ``pipeline.cv_report`` evaluates (same classifier, defaults and fusion),
 fitted on every image.  The model directory holds only data (JSON and ``.npz``) plus the
@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dask", metavar="SCHEDULER_ADDRESS",
                    help="train XGBoost with xgboost.dask on a dask.distributed cluster (tcp://HOST:PORT), "
                    "or 'local:N' to start N worker processes here; each worker trains with its own threads")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="IMAGE_ID",
+                   help="leave these images (store ids, e.g. invasive/iv063.jpg) out of training, "
+                   "to try the model on them")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model directory at --out")
     return p
 
@@ -64,7 +67,7 @@ def main(argv=None) -> int:
     from classifiers.dataset import InputDataError, build_dataset
     from classifiers.model_io import TrainConfig, save_model, train_model
     from classifiers.models import DeviceUnavailableError
-    from features.store import StoreError, load_store
+    from features.store import StoreError, exclude_images, load_store
 
     config = TrainConfig(scheme=args.labels, classifier=args.classifier, fusion=args.fusion,
                          seed=args.seed, n_jobs=args.n_jobs, device=args.device)
@@ -72,7 +75,7 @@ def main(argv=None) -> int:
         config.validate()
         if args.dask and config.classifier != "xgboost":
             raise ValueError(f"--dask trains xgboost only; train {config.classifier} without --dask")
-        tables = [load_store(path) for path in args.features]
+        tables = [exclude_images(load_store(path), args.exclude) for path in args.features]
         dataset = build_dataset(tables, config.scheme)
         if args.dask:
             from features.distributed import dask_client
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
         print(f"python -m pipeline.train: error: {exc}", file=sys.stderr)
         return 2
     print(report(model, out))
+    if args.exclude:
+        print(f"left out of training: {', '.join(args.exclude)}")
     return 0
 
 

@@ -315,3 +315,16 @@ def test_predict_cli_skips_unreadable_images_and_lists_them(logreg_dir, dataset_
     assert "no image to predict" in capsys.readouterr().err
     assert predict_cli.main(["--model", str(tmp_path / "no-model"), str(good)]) == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+def test_train_exclude_leaves_images_out(stores, tmp_path, capsys):
+    held_out = ["benign/benign_0.png", "invasive/invasive_1.png"]
+    out = tmp_path / "m"
+    args = ["--features", str(stores[0]), "--out", str(out), "--classifier", "logreg"]
+    assert train_cli.main([*args, "--exclude", *held_out]) == 0
+    printed = capsys.readouterr().out
+    assert "trained on 6 images" in printed and "left out of training: benign/benign_0.png" in printed
+    record = json.loads((out / "model.json").read_text())
+    assert record["training"]["n_images"] == 6
+    assert train_cli.main([*args, "--overwrite", "--exclude", "benign/nope.png"]) == 2
+    assert "benign/nope.png" in capsys.readouterr().err
