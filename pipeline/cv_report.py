@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     two = parser.add_argument_group("two-stage CNN (--classifier two_stage)")
     two.add_argument("--two-stage-preset", default="paper", choices=TWO_STAGE_PRESETS,
                      help="starting config: paper (Nazeri et al.: 512-px patches at full resolution, 30+30 "
-                     "epochs) or cpu (scale 0.25, 128-px patches, half the patch-wise width, 10 epochs: see README)")
+                     "epochs) or cpu (scale 0.25, 128-px patches, half the patch-wise width, 25 epochs: see README)")
     two.add_argument("--two-stage-config", metavar="JSON",
                      help="TwoStageConfig fields overriding the preset: a JSON file or an inline JSON "
                      "object, e.g. '{\"epochs\": 5}' (scheme, seed and stain come from --labels, --seed, "
