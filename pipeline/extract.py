@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "two_stage: the patch-wise network of --two-stage-model")
     p.add_argument("--two-stage-model", type=Path, metavar="MODEL_DIR",
                    help="with --backbone two_stage: a trained two-stage model directory "
-                   "(python -m pipeline.two_stage train, or REPORT_DIR/two_stage/fold-k/model)")
+                   "(python -m pipeline.two_stage train, or REPORT_DIR/two_stage_folds/fold-k/model)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (Keras cache / installed package), a weights file, or "
                    "'none' for random initialisation (testing only)")
