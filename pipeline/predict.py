@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from classifiers.model_io import ModelFormatError, load_model
-    from classifiers.predict import ModelCompatibilityError, list_images, predict_images, reproducible_configs
+    from classifiers.predict import ModelCompatibilityError, predict_images, reproducible_configs
 
     prog = "python -m pipeline.predict"
     if is_two_stage_model(args.model):
@@ -70,18 +70,26 @@ def main(argv=None) -> int:
     try:
         model = load_model(args.model)
         reproducible_configs(model, dict(args.weights))  # a model we cannot apply fails before any input check
-        paths, skipped = list_images(args.images)
-        for item in skipped:
-            log.warning("skipped %s: %s", item["image"], item["reason"])
-        if not paths:
-            raise ValueError("no image to predict among the inputs: "
-                             + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped))
+        paths, skipped = _inputs(args.images)
         result = predict_images(model, paths, weights=dict(args.weights), batch_size=args.batch_size,
                                 progress=not args.quiet)
     except (ModelFormatError, ModelCompatibilityError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return _write(result, skipped + result.skipped, paths, args.out, prog)
+
+
+def _inputs(images):
+    """Image paths to predict and the inputs skipped (logged); an error when none is left."""
+    from classifiers.predict import list_images
+
+    paths, skipped = list_images(images)
+    for item in skipped:
+        log.warning("skipped %s: %s", item["image"], item["reason"])
+    if not paths:
+        raise ValueError("no image to predict among the inputs: "
+                         + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped))
+    return paths, skipped
 
 
 def is_two_stage_model(model_dir) -> bool:
@@ -94,7 +102,6 @@ def is_two_stage_model(model_dir) -> bool:
 
 
 def _main_two_stage(args, prog: str) -> int:
-    from classifiers.predict import list_images
     from classifiers.two_stage import TwoStageModel
     from classifiers.two_stage_cv import predict_two_stage_images
 
@@ -102,12 +109,7 @@ def _main_two_stage(args, prog: str) -> int:
         if args.weights:
             raise ValueError("--weights is for deep-feature models; a two-stage model holds its own weights")
         model = TwoStageModel.load(args.model)
-        paths, skipped = list_images(args.images)
-        for item in skipped:
-            log.warning("skipped %s: %s", item["image"], item["reason"])
-        if not paths:
-            raise ValueError("no image to predict among the inputs: "
-                             + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped))
+        paths, skipped = _inputs(args.images)
         result = predict_two_stage_images(model, paths)
     except (FileNotFoundError, ValueError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
