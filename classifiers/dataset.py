@@ -75,14 +75,28 @@ def _listing(values) -> str:
     return shown + (f", ... ({more} more)" if more > 0 else "")
 
 
+def _describe(config: dict) -> str:
+    """What sets a store apart from another of the same backbone: mode, scale, crops, pooling."""
+    parts = [str(config.get("mode", "exact")), f"s{config.get('scale')}"]
+    if config.get("mode", "exact") != "whole":
+        parts.append(f"{config.get('crops')}x{config.get('crop_size')}")
+        if config.get("pooling", "mean") != "mean":
+            parts.append(str(config["pooling"]))
+    return "-".join(parts)
+
+
 def _store_names(configs: list) -> list:
+    """Short unique names: the backbone, then what differs between its stores, then a hash."""
+    bases = [str((c or {}).get("backbone") or f"store{i}") for i, c in enumerate(configs)]
     names = []
     for i, config in enumerate(configs):
-        base = str((config or {}).get("backbone") or f"store{i}")
-        name = base
+        config = config or {}
+        name = bases[i]
+        if bases.count(name) > 1 and "scale" in config:
+            name = f"{name}-{_describe(config)}"
         if name in names:
-            tag = str((config or {}).get("config_hash") or "")[:8]
-            name = f"{base}-{tag}" if tag and f"{base}-{tag}" not in names else f"{base}-{i}"
+            tag = str(config.get("config_hash") or "")[:8]
+            name = f"{name}-{tag}" if tag and f"{name}-{tag}" not in names else f"{name}-{i}"
         names.append(name)
     return names
 

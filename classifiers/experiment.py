@@ -30,6 +30,7 @@ from sklearn.base import clone
 from classifiers.dataset import CVDataset, InputDataError
 from classifiers.folds import assign_folds
 from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES, DeviceChoice, make_classifier, resolve_xgboost_device
+from classifiers.tuning import PARAM_GRIDS, InnerCVClassifier, public_params
 from classifiers.voting import vote
 
 logger = logging.getLogger(__name__)
@@ -56,6 +57,10 @@ class CVConfig:
         XGBoost threads.
     device : {"auto", "cpu", "cuda"}, default="auto"
         XGBoost device (see :func:`classifiers.models.resolve_xgboost_device`).
+    tune : bool, default=False
+        Choose each classifier's hyper-parameters by an inner grouped 3-fold CV of the
+        training rows (:data:`classifiers.tuning.PARAM_GRIDS`); the choice of every fold is
+        reported.  Off: the documented defaults of :mod:`classifiers.models`.
     """
 
     scheme: str = "bach4"
@@ -65,6 +70,7 @@ class CVConfig:
     seed: int = 0
     n_jobs: int = 2
     device: str = "auto"
+    tune: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` on unknown names or out-of-range numbers."""
@@ -118,6 +124,7 @@ class FittedModel:
     estimators: list  # one per feature block
     blocks: list  # tuple of store indices feeding each estimator
     classes: tuple
+    chosen_params: list = field(default_factory=list)  # per estimator, with config.tune
 
     def predict_proba(self, Xs, rows=None) -> np.ndarray:
         """Row probabilities (n_rows, n_classes), averaged over estimators.
@@ -173,8 +180,19 @@ def fit_run_model(dataset: CVDataset, spec: RunSpec, config: CVConfig, rows=None
     template = make_classifier(spec.classifier, seed=config.seed, n_jobs=config.n_jobs, device=device or "cpu")
     blocks = [spec.stores] if spec.fusion in ("single", "concat") else [(s,) for s in spec.stores]
     y = dataset.row_labels if rows is None else dataset.row_labels[rows]
-    estimators = [clone(template).fit(_features(dataset.X, block, rows), y) for block in blocks]
-    return FittedModel(spec, estimators, blocks, dataset.classes)
+    if not config.tune:
+        estimators = [clone(template).fit(_features(dataset.X, block, rows), y) for block in blocks]
+        return FittedModel(spec, estimators, blocks, dataset.classes)
+    # Inner CV on these rows only, grouped like the outer folds (patient, else image).
+    groups = dataset.images["group"].to_numpy()[dataset.row_image]
+    groups = groups if rows is None else groups[rows]
+    estimators, chosen = [], []
+    for block in blocks:
+        search = InnerCVClassifier(template, PARAM_GRIDS[spec.classifier], random_state=config.seed)
+        search.fit(_features(dataset.X, block, rows), y, groups=groups)
+        estimators.append(search.best_estimator_)  # a plain estimator: saved like an untuned one
+        chosen.append(public_params(search.best_params_))
+    return FittedModel(spec, estimators, blocks, dataset.classes, chosen)
 
 
 @dataclass
@@ -187,6 +205,9 @@ class RunResult:
     store_names : tuple of str
     row_proba : ndarray (n_rows, n_classes)
         Out-of-fold probability of every augmentation row.
+    chosen_params : list of dict
+        With ``CVConfig.tune``: per fold (and per store for ``mean-proba``) the
+        hyper-parameters chosen by the inner CV: ``fold``, ``store``, then the values.
     predictions : pandas.DataFrame
         One row per image: ``image_id``, ``group``, ``truth``, ``fold``,
         ``prediction`` (majority vote), ``prediction_mean_proba``, ``n_aug``,
@@ -198,6 +219,7 @@ class RunResult:
     store_names: tuple
     row_proba: np.ndarray
     predictions: pd.DataFrame
+    chosen_params: list = field(default_factory=list)
 
 
 @dataclass
@@ -271,6 +293,7 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
         parts = [spec.stores] if spec.fusion in ("single", "concat") else [(s,) for s in spec.stores]
         for block in parts:
             blocks.setdefault((spec.classifier, block), np.zeros((len(dataset.meta), len(dataset.classes))))
+    chosen = {key: [] for key in blocks}
     for k in range(config.n_folds):
         train, test = np.flatnonzero(row_folds != k), np.flatnonzero(row_folds == k)
         t0 = time.perf_counter()
@@ -278,6 +301,9 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
             spec = RunSpec(clf, clf, "single" if len(block) == 1 else "concat", block)
             model = fit_run_model(dataset, spec, config, rows=train, device=device.device if device else None)
             proba[test] = model.predict_proba(dataset.X, rows=test)
+            for params in model.chosen_params:
+                store = "+".join(dataset.store_names[s] for s in block)
+                chosen[(clf, block)].append({"fold": k, "store": store, **params})
         logger.info(
             "fold %d/%d: %d train rows, %d test images, %d models in %.1fs",
             k + 1, config.n_folds, len(train), int((image_folds == k).sum()), len(blocks),
@@ -288,14 +314,17 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
     for spec in specs:
         if spec.fusion == "mean-proba":
             row_proba = np.mean([blocks[(spec.classifier, (s,))] for s in spec.stores], axis=0)
+            params = [p for s in spec.stores for p in chosen[(spec.classifier, (s,))]]
         else:
             row_proba = blocks[(spec.classifier, spec.stores)]
+            params = chosen[(spec.classifier, spec.stores)]
         runs.append(
             RunResult(
                 spec,
                 tuple(dataset.store_names[s] for s in spec.stores),
                 row_proba,
                 image_predictions(dataset, image_folds, row_proba, spec),
+                sorted(params, key=lambda p: (p["fold"], p["store"])),
             )
         )
     folds = images[["image_id", "group", "label"]].assign(fold=image_folds)

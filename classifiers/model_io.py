@@ -75,6 +75,10 @@ class TrainConfig:
         XGBoost threads.
     device : {"auto", "cpu", "cuda"}, default="auto"
         XGBoost training device; prediction always runs on the CPU.
+    tune : bool, default=False
+        Choose the hyper-parameters by an inner grouped CV of all training images
+        (:mod:`classifiers.tuning`), as ``pipeline.cv_report --tune`` does in each fold; the
+        choice is recorded in the model's ``training`` entry.
     """
 
     scheme: str = "bach4"
@@ -83,6 +87,7 @@ class TrainConfig:
     seed: int = 0
     n_jobs: int = 2
     device: str = "auto"
+    tune: bool = False
 
     def validate(self) -> None:
         """Raise ``ValueError`` on unknown names or bad numbers."""
@@ -97,7 +102,7 @@ class TrainConfig:
     def cv_config(self) -> CVConfig:
         """The equivalent :class:`CVConfig`, so the final fit is the one cross-validated."""
         return CVConfig(scheme=self.scheme, classifiers=(self.classifier,), fusion=(self.fusion,),
-                        seed=self.seed, n_jobs=self.n_jobs, device=self.device)
+                        seed=self.seed, n_jobs=self.n_jobs, device=self.device, tune=self.tune)
 
 
 @dataclass
@@ -203,6 +208,8 @@ def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> Trai
 
         fitted = fit_run_model_on_dask(dataset, spec, config.cv_config(), client)
         training["dask_workers"] = len(client.nthreads())
+    if fitted.chosen_params:
+        training["chosen_params"] = fitted.chosen_params
     per_class = dataset.images["label"].value_counts()
     return TrainedModel(
         fitted=fitted,

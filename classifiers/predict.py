@@ -288,8 +288,7 @@ def predict_images(
     for name, config, dim in zip(model.store_names, configs, model.feature_dims):
         if frame.empty:
             break
-        log.info("store %s: %s, %d augmentations x %d crops of %d px, %d images", name, config.backbone,
-                 config.augmentations, config.crops, config.crop_size, len(frame))
+        log.info("store %s: %s, %s, %d images", name, config.backbone, config.sampling, len(frame))
         table, summary = extract_in_memory(frame, config, batch_size=batch_size, progress=progress)
         device = summary.device
         if summary.skipped:

@@ -7,6 +7,7 @@ Layout of the report directory::
     folds.csv             fold of every image (image_id, group, label, fold)
     fold_accuracy.csv     per-fold accuracy (rows = folds, columns = runs), mean and sd rows
     summary.csv           one line per run: accuracies, fold mean +- sd, macro AUC
+    tuning.csv            with CVConfig.tune: hyper-parameters chosen per run, fold and store
     <run>/confusion.csv   counts, rows = truth, columns = prediction (majority vote)
     <run>/confusion_mean_proba.csv   same for mean-probability voting
     <run>/confusion.png
@@ -50,6 +51,7 @@ def summarize(result: CVResult) -> dict:
             "classifier": run.spec.classifier,
             "fusion": run.spec.fusion,
             "stores": list(run.store_names),
+            "chosen_params": list(getattr(run, "chosen_params", [])),
             **run_metrics(run.predictions, dataset.classes, dataset.scheme, row_accuracy=row_acc),
         }
     folds = result.folds
@@ -63,6 +65,7 @@ def summarize(result: CVResult) -> dict:
             "seed": config.seed,
             "n_jobs": config.n_jobs,
             "device_requested": config.device,
+            "tune": bool(getattr(config, "tune", False)),
         },
         "device": None if result.device is None else {"xgboost": result.device.device, "reason": result.device.reason},
         "stores": [
@@ -181,6 +184,12 @@ def _summary_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _tuning_table(summary: dict) -> pd.DataFrame:
+    """One line per run, fold and store: the inner-CV choice (empty without tuning)."""
+    rows = [{"run": name, **p} for name, r in summary["runs"].items() for p in r.get("chosen_params", [])]
+    return pd.DataFrame(rows)
+
+
 def _fmt(value) -> str:
     """Three decimals; JSON null (undefined) as n/a."""
     return "n/a" if value is None else f"{value:.3f}"
@@ -232,6 +241,14 @@ def _html(summary: dict, pictures: dict) -> str:
         "<h2>Per-fold accuracy (majority voting)</h2>",
         _html_table(_fold_table(summary), index=True),
     ]
+    tuning = _tuning_table(summary)
+    if len(tuning):
+        parts += [
+            "<h2>Hyper-parameters chosen by inner CV</h2>",
+            "<p class='note'>Per outer fold, a grouped 3-fold CV of the training rows only chose "
+            "among the candidates of classifiers.tuning.PARAM_GRIDS (row accuracy).</p>",
+            _html_table(tuning),
+        ]
     if "two_stage" in summary:
         info = summary["two_stage"]
         parts += [
@@ -310,6 +327,8 @@ def write_report(result: CVResult, out_dir) -> dict:
     save(out / "folds.csv", result.folds.to_csv(index=False))
     save(out / "fold_accuracy.csv", _fold_table(summary).to_csv())
     save(out / "summary.csv", _summary_table(summary).to_csv(index=False))
+    if summary["config"]["tune"]:
+        save(out / "tuning.csv", _tuning_table(summary).to_csv(index=False))
 
     pictures = {}
     classes = list(result.dataset.classes)

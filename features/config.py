@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from features.pooling import POOLINGS
 
-MODES = ("exact", "shared")
+MODES = ("exact", "shared", "whole")
 PRECISIONS = ("float32", "bfloat16")
 
 # Bump when the meaning of stored features changes without any config field changing.
@@ -37,7 +37,8 @@ class ExtractionConfig:
     pooling : how crop features become one vector per augmented image.
     mode : ``"exact"`` runs the backbone on every crop; ``"shared"`` runs it once per augmented
         image and average-pools each crop's window of the feature map
-        (``features.feature_maps``).
+        (``features.feature_maps``); ``"whole"`` averages the whole augmented image's map (no
+        crops: ``crops`` is 1 and ``crop_size`` 0).
     precision : ``"float32"``, or ``"bfloat16"`` to run the backbone under Keras'
         ``mixed_bfloat16`` policy (weights stay float32, features are returned as float32).
     stain : Macenko state (``reference``, ``reference_sha256``, ``stain_matrix``,
@@ -68,7 +69,9 @@ class ExtractionConfig:
         checks = [
             (self.augmentations >= 1, "augmentations must be >= 1"),
             (self.crops >= 1, "crops must be >= 1"),
-            (self.crop_size >= 16, "crop_size must be >= 16 pixels"),
+            (self.crop_size >= 16 or self.mode == "whole", "crop_size must be >= 16 pixels"),
+            (self.mode != "whole" or (self.crops, self.crop_size) == (1, 0),
+             "mode 'whole' has no crops: crops must be 1 and crop_size 0"),
             (0 < self.scale <= 4, "scale must be in (0, 4]"),
             (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
@@ -105,6 +108,14 @@ class ExtractionConfig:
     def config_hash(self) -> str:
         canonical = json.dumps(self.hashed_dict(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+    @property
+    def sampling(self) -> str:
+        """What the backbone sees per augmentation, for logs: crops, or the whole image."""
+        if self.mode == "whole":
+            return f"{self.augmentations} augmentations x whole image, scale {self.scale}"
+        return (f"{self.augmentations} augmentations x {self.crops} crops of {self.crop_size} px "
+                f"({self.mode}), scale {self.scale}")
 
     @property
     def store_name(self) -> str:

@@ -105,11 +105,15 @@ def make_config(
 
     Fails fast, before any image is processed: unknown backbone, missing weights file,
     unusable stain reference.  ``stain_reference`` is ``"auto"`` (chosen from ``dataset``),
-    ``"none"`` (no normalisation) or an image path.
+    ``"none"`` (no normalisation) or an image path.  With ``mode="whole"`` the crop options
+    (``crops``, ``crop_size``, ``pooling``) are ignored and recorded as 1, 0 and ``"mean"``.
     """
     spec = get_backbone(backbone)
     weights_file = resolve_weights(spec, weights)
     scale = options.get("scale", ExtractionConfig.scale)
+    if options.get("mode") == "whole":
+        # No crops: the crop options mean nothing, so they must not split the store key.
+        options = {**options, "crops": 1, "crop_size": 0, "pooling": "mean"}
     if stain_reference is None or str(stain_reference).lower() == "none":
         stain = None
     elif str(stain_reference).lower() == "auto":
@@ -226,10 +230,14 @@ class FeatureExtractor:
         batch[:n] = crops
         return np.asarray(self._forward(self.spec.preprocess(batch)))[:n].astype(np.float32)
 
-    def feature_maps(self, images: np.ndarray) -> np.ndarray:
-        """Up to ``batch_size`` same-shape uint8 images -> ``(n, h', w', dim)`` feature maps."""
+    def feature_maps(self, images: np.ndarray, pad_to: int | None = None) -> np.ndarray:
+        """Up to ``batch_size`` same-shape uint8 images -> ``(n, h', w', dim)`` feature maps.
+
+        The batch is zero-padded to ``pad_to`` images (default ``batch_size``); keep it fixed
+        within a run so that one graph serves every batch.
+        """
         n = len(images)
-        batch = np.zeros((self.batch_size, *images.shape[1:]), dtype=np.float32)
+        batch = np.zeros((pad_to or self.batch_size, *images.shape[1:]), dtype=np.float32)
         batch[:n] = images
         return np.asarray(self._maps(self.spec.preprocess(batch)))[:n].astype(np.float32)
 
@@ -262,21 +270,36 @@ class ImageBatcher:
 
 
 class MapBatcher:
-    """Shared-map mode: batches one image's augmented copies, pools each crop window."""
+    """Shared and whole modes: batches one image's augmented copies and pools each crop window
+    of their feature maps (``windows=None``: the whole map, one vector).
 
-    def __init__(self, extractor: FeatureExtractor):
+    Parameters
+    ----------
+    extractor : FeatureExtractor
+    per_image : augmented copies per image, when fewer than the extractor's batch size: batches
+        are padded to this many images instead (padding to the batch size would run the
+        backbone on blank images, e.g. 4 of 8 with 4 augmentations).
+    """
+
+    def __init__(self, extractor: FeatureExtractor, per_image: int | None = None):
         self.extractor, self.pending, self.done = extractor, [], []
+        self.size = min(extractor.batch_size, per_image or extractor.batch_size)
 
-    def add(self, image: np.ndarray, windows: np.ndarray) -> None:
-        self.extractor.check_side(int(windows[0, 2]))
+    def add(self, image: np.ndarray, windows: np.ndarray | None) -> None:
+        side = min(image.shape[:2]) if windows is None else int(windows[0, 2])
+        self.extractor.check_side(side)
         self.pending.append((image, windows))
-        if len(self.pending) == self.extractor.batch_size:
+        if len(self.pending) == self.size:
             self._run()
 
     def _run(self) -> None:
-        maps = self.extractor.feature_maps(np.stack([img for img, _ in self.pending]))
+        maps = self.extractor.feature_maps(np.stack([img for img, _ in self.pending]), self.size)
         stride = self.extractor.spec.stride
-        self.done.extend(pool_windows(m, w, stride) for m, (_, w) in zip(maps, self.pending))
+        self.done.extend(
+            m.mean(axis=(0, 1), dtype=np.float64)[None].astype(np.float32) if w is None
+            else pool_windows(m, w, stride)
+            for m, (_, w) in zip(maps, self.pending)
+        )
         self.pending = []
 
     def finish(self) -> np.ndarray:
@@ -333,13 +356,15 @@ def _image_items(row, config: ExtractionConfig, prep: Preprocessing):
         image, note = prep.normalizer.transform_or_keep(image)
     color = prep.color
     for aug in range(config.augmentations):
-        if config.mode == "shared":
+        if config.mode in ("shared", "whole"):
+            # Same colour draws in every mode; "whole" draws no crop windows.
             draw = draw_augmentation(
                 seed=config.seed, image_id=row.image_id, aug_index=aug, height=image.shape[0],
-                width=image.shape[1], n_crops=config.crops, crop_size=config.crop_size,
-                color=color,
+                width=image.shape[1], n_crops=config.crops if config.mode == "shared" else 0,
+                crop_size=config.crop_size, color=color,
             )
-            yield ("aug", aug, (color.apply(image, draw.gain, draw.shift), draw.windows))
+            windows = draw.windows if config.mode == "shared" else None
+            yield ("aug", aug, (color.apply(image, draw.gain, draw.shift), windows))
             continue
         crops = augmented_crops(
             image, seed=config.seed, image_id=row.image_id, aug_index=aug,
@@ -355,10 +380,13 @@ class _PooledImage:
 
     def __init__(self, config: ExtractionConfig, extractor: FeatureExtractor):
         self.config = config
-        self.batcher = (MapBatcher if config.mode == "shared" else ImageBatcher)(extractor)
+        if config.mode == "exact":
+            self.batcher = ImageBatcher(extractor)
+        else:
+            self.batcher = MapBatcher(extractor, per_image=config.augmentations)
 
     def add(self, payload) -> None:
-        if self.config.mode == "shared":
+        if self.config.mode != "exact":
             self.batcher.add(*payload)
         else:
             self.batcher.add(payload)

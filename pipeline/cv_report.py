@@ -33,6 +33,7 @@ from pathlib import Path
 
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.models import DEVICE_CHOICES, DeviceUnavailableError
+from classifiers.presets import PRESET_NAMES, get_preset
 
 from classifiers.two_stage import TwoStageInputError
 from classifiers.two_stage_training import CheckpointMismatchError
@@ -85,6 +86,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fusion", action="append", type=_choices_list(FUSION_CHOICES),
                         help="with several stores: concat, mean-proba or both (default both)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and classifiers (default 0)")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="repeat the CV with each fold seed: one report per seed in REPORT_DIR/seed-S "
+                        "and ensemble.csv / ensemble.md over all runs (mean +- sd over seeds and folds)")
+    parser.add_argument("--tune", action="store_true",
+                        help="choose each classifier's hyper-parameters by an inner grouped 3-fold CV of "
+                        "the training folds (XGBoost depth/rounds/column sampling, logreg C); the choice "
+                        "per fold goes to tuning.csv")
+    parser.add_argument("--preset", choices=PRESET_NAMES,
+                        help="a documented best configuration: its classifier, fusion and tuning (see "
+                        "README); --features may then be the store root pipeline.extract --preset wrote")
     parser.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads (default 2)")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="XGBoost device: auto (GPU if usable, else CPU), cpu, or cuda (fail without GPU)")
@@ -118,15 +129,23 @@ def selected_classifiers(args: argparse.Namespace) -> tuple:
 
 
 def config_from_args(args: argparse.Namespace) -> CVConfig:
-    """Build the :class:`CVConfig` of the feature classifiers from parsed arguments."""
+    """Build the :class:`CVConfig` of the feature classifiers from parsed arguments.
+
+    With ``--preset``, its classifier, fusion and tuning apply unless given explicitly.
+    """
+    preset = get_preset(args.preset) if args.preset else None
+    classifiers = tuple(c for c in selected_classifiers(args) if c != TWO_STAGE)
+    if preset and not args.classifier:
+        classifiers = (preset.classifier,)
     return CVConfig(
         scheme=args.labels,
         n_folds=args.folds,
-        classifiers=tuple(c for c in selected_classifiers(args) if c != TWO_STAGE),
-        fusion=_flatten(args.fusion, FUSION_CHOICES),
+        classifiers=classifiers,
+        fusion=_flatten(args.fusion, (preset.fusion,) if preset else FUSION_CHOICES),
         seed=args.seed,
         n_jobs=args.n_jobs,
         device=args.device,
+        tune=args.tune or bool(preset and preset.tune),
     )
 
 
@@ -152,6 +171,10 @@ def _check_inputs(parser, args, classifiers) -> None:
         parser.error("--features given but no feature classifier selected (xgboost, logreg)")
     if not args.features and not args.data:
         parser.error("give --features STORE_DIR (deep-feature classifiers) and/or --data DIR_OR_CSV (two_stage)")
+    if args.seeds and TWO_STAGE in classifiers:
+        parser.error("--seeds repeats the feature classifiers only; run two_stage with --seed")
+    if args.preset and TWO_STAGE in classifiers:
+        parser.error("--preset configures the feature classifiers; drop --classifier two_stage")
 
 
 def _number(value) -> float:
@@ -178,19 +201,27 @@ def main(argv=None) -> dict:
         parser.error(str(exc))
 
     from features.store import StoreError, load_store  # imported late: only the CLI needs the store format
+    from classifiers.presets import PresetStoreError, select_stores
     from classifiers.report import write_report
 
     try:
-        tables = [load_store(path) for path in args.features or ()]
+        paths = args.features or ()
+        if args.preset:
+            paths = select_stores(get_preset(args.preset), paths)
+            logger.info("preset %s: stores %s", args.preset, ", ".join(map(str, paths)))
+        tables = [load_store(path) for path in paths]
         if TWO_STAGE in classifiers:
             result = _two_stage(args, config, tables)
+        elif args.seeds:
+            return _repeated(build_dataset(tables, config.scheme), config, args.seeds, args.out)
         else:
             dataset = build_dataset(tables, config.scheme)
             result = run_cross_validation(dataset, config)
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted; rerun the same command to resume (finished two-stage "
                     f"folds and epochs are kept under {Path(args.out) / 'two_stage_folds'})\n")
-    except (InputDataError, StoreError, DeviceUnavailableError, FileNotFoundError) + _TWO_STAGE_ERRORS as exc:
+    except (InputDataError, StoreError, PresetStoreError, DeviceUnavailableError, FileNotFoundError,
+            ValueError) + _TWO_STAGE_ERRORS as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
     written = write_report(result, args.out)
     for name, run in written["summary"]["runs"].items():
@@ -201,6 +232,16 @@ def main(argv=None) -> dict:
             _number(maj["fold_accuracy_sd"]), _number(run["roc_auc"]["macro"]),
         )
     logger.info("report written to %s (%d files)", args.out, len(written["files"]))
+    return written
+
+
+def _repeated(dataset, config: CVConfig, seeds, out) -> dict:
+    """One report per fold seed under ``out/seed-S`` and the table over seeds in ``out``."""
+    from classifiers.repeated import write_repeated_report
+
+    written = write_repeated_report(dataset, config, seeds, out)
+    print(written["markdown"], end="")
+    logger.info("report written to %s (%d files)", out, len(written["files"]))
     return written
 
 

@@ -15,6 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
+from classifiers.presets import PRESET_NAMES, STORE_FIELDS, get_preset
 from features.backbones import backbone_names
 from features.config import MODES, PRECISIONS, ExtractionConfig
 from features.pooling import POOLINGS
@@ -54,15 +55,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--crop-size", type=int, default=None,
                    help=f"crop side in pixels after scaling; images smaller than that use "
                    f"their shorter side (default {d.crop_size}; two_stage: the model's patch size)")
-    p.add_argument("--scale", type=float, default=None,
+    p.add_argument("--scale", type=float, nargs="+", default=None,
                    help=f"resize factor applied first, 0.5 turns 2048x1536 into 1024x768 (default "
-                   f"{d.scale}; two_stage: the model's scale)")
+                   f"{d.scale}; two_stage: the model's scale); several values make one store per "
+                   "scale (multi-scale features, fused by pipeline.cv_report)")
+    p.add_argument("--preset", choices=PRESET_NAMES,
+                   help="extract the stores of a documented configuration (backbone, mode, scales, "
+                   "augmentations, crops: see README); stain reference, seed, precision, batch size "
+                   "and --dask stay yours. Then: pipeline.cv_report --preset NAME --features OUT")
     p.add_argument("--pooling", default=d.pooling, choices=POOLINGS,
                    help="how the crops' features become one vector per augmented image")
     p.add_argument("--mode", default=d.mode, choices=MODES,
                    help="'exact' runs the CNN on every crop; 'shared' runs it once per augmented "
                    "image and pools each crop's window of the feature map (much faster, "
-                   "approximate at crop borders)")
+                   "approximate at crop borders); 'whole' averages the map of the whole augmented "
+                   "image (no crops: --crops, --crop-size and --pooling do not apply)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="backbone arithmetic: bfloat16 is faster on CPUs with AVX512-BF16/AMX "
                    "and on recent GPUs, with features within about 1%% of float32")
@@ -91,33 +98,51 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import StoreError
 
     try:
-        weights, stain_reference, crop_size, scale, model_stain = _backbone_options(args)
         source = args.data
         if source == SYNTHETIC:
             # 8 per class: enough for 6-fold CV; 384x512 keeps the demo to seconds per image.
             source = write_dataset(args.out / "synthetic-data", n_per_class=8,
                                    size=(384, 512), seed=args.seed)
         dataset = load_dataset(source)
-        config = make_config(
-            dataset, backbone=args.backbone, weights=weights,
-            stain_reference=stain_reference, augmentations=args.augmentations,
-            crops=args.crops, crop_size=crop_size, scale=scale,
-            pooling=args.pooling, mode=args.mode, precision=args.precision,
-            seed=args.seed,
-        )
-        if model_stain is not None:
-            config = replace(config, stain=model_stain)
-        if args.dask:
-            summary = _extract_on_dask(args, dataset, config)
-        else:
-            summary = extract_to_store(dataset, config, args.out, batch_size=args.batch_size,
-                                       progress=not args.quiet)
+        for options in store_options(args):
+            weights, stain_reference, crop_size, scale, model_stain = _backbone_options(options)
+            config = make_config(
+                dataset, backbone=options.backbone, weights=weights,
+                stain_reference=stain_reference, augmentations=options.augmentations,
+                crops=options.crops, crop_size=crop_size, scale=scale,
+                pooling=options.pooling, mode=options.mode, precision=options.precision,
+                seed=options.seed,
+            )
+            if model_stain is not None:
+                config = replace(config, stain=model_stain)
+            if args.dask:
+                summary = _extract_on_dask(args, dataset, config)
+            else:
+                summary = extract_to_store(dataset, config, args.out, batch_size=args.batch_size,
+                                           progress=not args.quiet)
+            print(report(summary, config), flush=True)
     except (DatasetError, WeightsNotFoundError, StainNormalizationError, StoreError,
             ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(report(summary, config))
     return 0
+
+
+def store_options(args) -> list:
+    """One namespace per store to extract: per ``--scale`` value, or per store of ``--preset``.
+
+    A preset fixes :data:`classifiers.presets.STORE_FIELDS`; giving one of those options too
+    is an error rather than a silent choice between the two.
+    """
+    if args.preset is None:
+        scales = args.scale or [None]
+        return [argparse.Namespace(**{**vars(args), "scale": s}) for s in scales]
+    defaults = vars(build_parser().parse_args(["--data", "x", "--out", "x"]))
+    clashing = [f for f in STORE_FIELDS if getattr(args, f) != defaults[f]]
+    if clashing:
+        raise ValueError(f"--preset {args.preset} sets {', '.join('--' + f.replace('_', '-') for f in clashing)};"
+                         " drop those options or the preset")
+    return [argparse.Namespace(**{**vars(args), **store}) for store in get_preset(args.preset).stores]
 
 
 def _extract_on_dask(args, dataset, config):
@@ -168,8 +193,9 @@ def report(summary, config) -> str:
         f", skipped: {len(summary.skipped)}",
     ]
     if summary.done:
-        lines.append(f"{summary.crops} crops in {summary.seconds:.1f} s "
-                     f"({summary.crops_per_second:.1f} crops/s) on {summary.device}")
+        unit = "augmented images" if config.mode == "whole" else "crops"
+        lines.append(f"{summary.crops} {unit} in {summary.seconds:.1f} s "
+                     f"({summary.crops_per_second:.1f} {unit}/s) on {summary.device}")
     if config.stain:
         lines.append(f"Macenko reference: {config.stain['reference']}")
     for item in summary.unnormalized:

@@ -118,6 +118,9 @@ class FeatureModelMaps:
         self.weights = dict(args.weights)
         self.configs = reproducible_configs(self.model, self.weights)
         self.window = args.window or self.configs[0].crop_size
+        if not self.window:  # mode "whole": trained on whole images, no crop size to inherit
+            raise ValueError("this model was trained on whole images (extraction mode 'whole'); "
+                             "choose the heatmap window side with --window PIXELS")
         self.step = args.step or 128
         batch = args.batch_size if args.exact else 1  # feature_maps pads its batch: 1 image per pass
         self.sources = [FeatureSource(FeatureExtractor(c, batch_size=batch), c.scale, c.stain) for c in self.configs]

@@ -5,7 +5,7 @@
     python -m pipeline.train --features STORE_DIR [STORE_DIR ...] --out MODEL_DIR \\
         [--labels bach4|bmc3|binary] [--classifier xgboost|logreg] [--fusion concat|mean-proba] \\
         [--seed S] [--n-jobs 2] [--device auto|cpu|cuda] [--dask SCHEDULER_ADDRESS|local:N] \\
-        [--exclude IMAGE_ID ...] [--overwrite]
+        [--exclude IMAGE_ID ...] [--tune] [--preset NAME] [--overwrite]
 
 The model is the one ``pipeline.cv_report`` evaluates (same classifier, defaults and fusion),
 fitted on every image.  The model directory holds only data (JSON and ``.npz``) plus the
@@ -26,6 +26,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from classifiers.experiment import FUSION_CHOICES
 from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES
+from classifiers.presets import PRESET_NAMES, get_preset
 
 log = logging.getLogger("pipeline.train")
 SCHEME_CHOICES = ("bach4", "bmc3", "binary")
@@ -43,9 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature store directories (several = several backbones of the same images)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to create")
     p.add_argument("--labels", default="bach4", choices=SCHEME_CHOICES, help="label scheme to predict in")
-    p.add_argument("--classifier", default="xgboost", choices=CLASSIFIER_NAMES, help="classifier")
-    p.add_argument("--fusion", default="concat", choices=FUSION_CHOICES,
-                   help="with several stores: concatenate features, or average per-store models' probabilities")
+    p.add_argument("--classifier", default=None, choices=CLASSIFIER_NAMES, help="classifier (default xgboost)")
+    p.add_argument("--fusion", default=None, choices=FUSION_CHOICES,
+                   help="with several stores: concatenate features, or average per-store models' "
+                   "probabilities (default concat)")
+    p.add_argument("--tune", action="store_true",
+                   help="choose the hyper-parameters by an inner grouped 3-fold CV of the training images")
+    p.add_argument("--preset", choices=PRESET_NAMES,
+                   help="a documented configuration's classifier, fusion and tuning, on its stores found "
+                   "under --features (the root pipeline.extract --preset wrote)")
     p.add_argument("--seed", type=int, default=0, help="classifier seed")
     p.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="XGBoost training device")
@@ -69,13 +76,22 @@ def main(argv=None) -> int:
     from classifiers.models import DeviceUnavailableError
     from features.store import StoreError, exclude_images, load_store
 
-    config = TrainConfig(scheme=args.labels, classifier=args.classifier, fusion=args.fusion,
-                         seed=args.seed, n_jobs=args.n_jobs, device=args.device)
+    from classifiers.presets import PresetStoreError, select_stores
+
+    preset = get_preset(args.preset) if args.preset else None
+    config = TrainConfig(scheme=args.labels,
+                         classifier=args.classifier or (preset.classifier if preset else "xgboost"),
+                         fusion=args.fusion or (preset.fusion if preset else "concat"),
+                         seed=args.seed, n_jobs=args.n_jobs, device=args.device,
+                         tune=args.tune or bool(preset and preset.tune))
     try:
         config.validate()
         if args.dask and config.classifier != "xgboost":
             raise ValueError(f"--dask trains xgboost only; train {config.classifier} without --dask")
-        tables = [exclude_images(load_store(path), args.exclude) for path in args.features]
+        if args.dask and config.tune:
+            raise ValueError("--tune is not available with --dask; tune on one machine or drop --tune")
+        paths = select_stores(preset, args.features) if preset else args.features
+        tables = [exclude_images(load_store(path), args.exclude) for path in paths]
         dataset = build_dataset(tables, config.scheme)
         if args.dask:
             from features.distributed import dask_client
@@ -85,7 +101,7 @@ def main(argv=None) -> int:
         else:
             model = train_model(dataset, config)
         out = save_model(model, args.out, overwrite=args.overwrite)
-    except (InputDataError, StoreError, DeviceUnavailableError, FileExistsError, FileNotFoundError,
+    except (InputDataError, StoreError, PresetStoreError, DeviceUnavailableError, FileExistsError, FileNotFoundError,
             ValueError) as exc:
         print(f"python -m pipeline.train: error: {exc}", file=sys.stderr)
         return 2
@@ -101,11 +117,13 @@ def report(model, out) -> str:
     per_class = ", ".join(f"{c} {n}" for c, n in t["images_per_class"].items())
     stores = ", ".join(
         f"{name} ({cfg.get('backbone')}, {dim} features, {cfg.get('augmentations')} augmentations x "
-        f"{cfg.get('crops')} crops of {cfg.get('crop_size')} px)"
+        + ("whole image" if cfg.get("mode") == "whole" else f"{cfg.get('crops')} crops of {cfg.get('crop_size')} px")
+        + f", scale {cfg.get('scale')})"
         for name, cfg, dim in zip(model.store_names, model.store_configs, model.feature_dims)
     )
     lines = [
         f"model: {model.fitted.spec.name} ({model.classifier}, fusion {model.fusion}), scheme {model.scheme}",
+        *([f"hyper-parameters chosen by inner CV: {t['chosen_params']}"] if "chosen_params" in t else []),
         f"trained on {t['n_images']} images ({per_class}), {t['n_rows']} augmentation rows"
         + (f", on {t['dask_workers']} dask workers" if "dask_workers" in t else ""),
         f"stores: {stores}",

@@ -361,7 +361,7 @@ def test_cli_runs_on_written_stores(tmp_path):
     assert metrics == json.loads(json.dumps(written["summary"]))
     assert metrics["config"] == {"scheme": "binary", "n_folds": 4, "classifiers": ["logreg"],
                                  "fusion": ["concat", "mean-proba"], "seed": 1, "n_jobs": 2,
-                                 "device_requested": "auto"}
+                                 "device_requested": "auto", "tune": False}
     assert [s["backbone"] for s in metrics["stores"]] == ["resnet50", "xception"]
     assert set(metrics["runs"]) == {"logreg-concat", "logreg-mean-proba", "logreg-resnet50", "logreg-xception"}
     assert metrics["runs"]["logreg-concat"]["majority"]["accuracy"] >= 0.95

@@ -231,3 +231,25 @@ def test_shared_mode_is_its_own_reproducible_store(dataset, config, clean_store,
     exact = load_store(clean_store[0]).X
     cos = (a.X * exact).sum(1) / np.linalg.norm(a.X, axis=1) / np.linalg.norm(exact, axis=1)
     assert cos.mean() > 0.5  # random-init weights: similar, not equal (see test_feature_maps)
+
+
+def test_whole_mode_ignores_crop_options_and_pools_the_whole_map(dataset, tmp_path):
+    kwargs = dict(backbone="efficientnet_lite0", weights=None, stain_reference="none",
+                  augmentations=2, scale=1.0, mode="whole")
+    config = make_config(dataset, crops=7, crop_size=48, pooling="max", **kwargs)
+    assert (config.crops, config.crop_size, config.pooling) == (1, 0, "mean")
+    assert make_config(dataset, **kwargs).config_hash == config.config_hash
+    with pytest.raises(ValueError, match="mode 'whole' has no crops"):
+        replace_config = dict(config.to_dict(), crops=3)
+        type(config).from_dict(replace_config)
+    summary = extract_to_store(dataset, config, tmp_path, batch_size=8, progress=False)
+    assert summary.crops == len(dataset) * 2  # one backbone pass per augmented image
+    table = load_store(tmp_path)
+    assert table.X.shape == (len(dataset) * 2, 1280)
+    # Augmentation 0 is the original image: its feature is the mean of the image's map.
+    row = dataset.iloc[0]
+    extractor = extract_mod.FeatureExtractor(config, batch_size=1)
+    image = extract_mod.scale_image(extract_mod.read_image(row.path), 1.0)
+    expected = extractor.feature_maps(image[None])[0].mean(axis=(0, 1))
+    got = table.X[(table.meta.image_id == row.image_id).to_numpy() & (table.meta.aug == 0).to_numpy()][0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -60,3 +60,20 @@ def test_bfloat16_features_are_close_to_float32():
     assert cos.min() > 0.98
     import keras
     assert keras.config.dtype_policy().name == "float32"  # the global policy is restored
+
+
+def test_map_batches_are_padded_to_the_augmentations_not_the_batch_size(extractor, monkeypatch):
+    shapes = []
+    original = extractor.feature_maps
+
+    def spy(images, pad_to=None):
+        shapes.append((len(images), pad_to))
+        return original(images, pad_to)
+
+    monkeypatch.setattr(extractor, "feature_maps", spy)
+    batcher = MapBatcher(extractor, per_image=1)  # extractor.batch_size is 2
+    image = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    batcher.add(image, None)
+    whole = batcher.finish()
+    assert shapes == [(1, 1)] and whole.shape == (1, 1280)
+    np.testing.assert_allclose(whole[0], extractor.features(image[None])[0], rtol=1e-4, atol=1e-5)

@@ -1,0 +1,121 @@
+"""Named best configurations: which stores to extract and how to classify them.
+
+A preset is the outcome of the comparison in README ("Accuracy on bach-dev"): the stores
+(extraction options, one store each) and the classifier, fusion and tuning that scored best
+in repeated grouped CV.  ``pipeline.extract --preset NAME`` extracts its stores into one root;
+``pipeline.cv_report --preset NAME`` and ``pipeline.train --preset NAME`` find them there by
+their configs.  Changing a preset changes what users get by default: rerun the comparison and
+update README with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Extraction options a preset fixes; every other option (stain reference, seed, precision,
+#: batch size, dask) stays the user's.
+STORE_FIELDS = ("backbone", "mode", "scale", "augmentations", "crops", "crop_size", "pooling")
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A documented configuration.
+
+    Parameters
+    ----------
+    name : str
+    description : str
+        One line for ``--help`` and the logs.
+    stores : tuple of dict
+        Extraction options of each store (keys from :data:`STORE_FIELDS`).
+    classifier : {"xgboost", "logreg"}
+    fusion : {"concat", "mean-proba"}
+        How the stores are combined.
+    tune : bool
+        Inner-CV hyper-parameter choice (``classifiers.tuning``).
+    """
+
+    name: str
+    description: str
+    stores: tuple
+    classifier: str
+    fusion: str
+    tune: bool
+
+
+PRESETS = {
+    "bach": Preset(
+        name="bach",
+        description="EfficientNet-Lite0 whole-image features at scales 0.25 and 0.5 (8 colour "
+        "augmentations each), tuned logistic regression, probabilities averaged over scales",
+        stores=(
+            {"backbone": "efficientnet_lite0", "mode": "whole", "scale": 0.25, "augmentations": 8,
+             "crops": 1, "crop_size": 0, "pooling": "mean"},
+            {"backbone": "efficientnet_lite0", "mode": "whole", "scale": 0.5, "augmentations": 8,
+             "crops": 1, "crop_size": 0, "pooling": "mean"},
+        ),
+        classifier="logreg",
+        fusion="mean-proba",
+        tune=True,
+    ),
+}
+PRESET_NAMES = tuple(PRESETS)
+
+
+class PresetStoreError(ValueError):
+    """The stores a preset needs are not where the user pointed."""
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called ``name``; ``ValueError`` naming the choices otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESET_NAMES)}") from None
+
+
+def _store_dirs(paths) -> list:
+    dirs = []
+    for path in map(Path, paths):
+        if (path / "config.json").is_file():
+            dirs.append(path)
+        elif path.is_dir():
+            dirs.extend(sorted(p for p in path.iterdir() if (p / "config.json").is_file()))
+        else:
+            raise PresetStoreError(f"feature store or store root not found: {path}")
+    return dirs
+
+
+def matches(store_config: dict, options: dict) -> bool:
+    """Whether a store's ``config.json`` has every option of a preset store."""
+    return all(store_config.get(k) == v for k, v in options.items())
+
+
+def select_stores(preset: Preset, paths) -> list:
+    """The store directory of each of ``preset.stores`` among ``paths`` (stores or roots).
+
+    Raises
+    ------
+    PresetStoreError
+        When a store is missing (with the command that makes it) or matched twice.
+    """
+    candidates = [(d, json.loads((d / "config.json").read_text())) for d in _store_dirs(paths)]
+    chosen = []
+    for options in preset.stores:
+        found = [d for d, cfg in candidates if matches(cfg, options)]
+        described = ", ".join(f"{k}={v}" for k, v in options.items())
+        if not found:
+            raise PresetStoreError(
+                f"preset {preset.name!r} needs a store with {described}, not found in "
+                f"{', '.join(map(str, paths))}; run python -m pipeline.extract --preset "
+                f"{preset.name} --data DATA --out ROOT and pass ROOT"
+            )
+        if len(found) > 1:
+            raise PresetStoreError(
+                f"preset {preset.name!r}: several stores match {described} ({', '.join(map(str, found))}),"
+                " e.g. with other stain references or seeds; pass the store directories themselves"
+            )
+        chosen.append(found[0])
+    return chosen
