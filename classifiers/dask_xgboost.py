@@ -19,9 +19,6 @@ import logging
 
 import numpy as np
 from sklearn.base import clone
-from sklearn.preprocessing import LabelEncoder
-from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import validate_data
 
 from classifiers.experiment import CVConfig, FittedModel, RunSpec
 from classifiers.models import (
@@ -143,26 +140,10 @@ def fit_xgboost_on_dask(
     from xgboost import dask as dxgb
 
     model = clone(params) if params is not None else XGBoostFeatureClassifier()
-    model._validate_params()
-    X, y = validate_data(model, X, y, dtype=np.float32, ensure_all_finite=True)
-    check_classification_targets(y)
-    encoder = LabelEncoder().fit(y)
-    if len(encoder.classes_) < 2:
-        raise ValueError(f"XGBoost needs at least 2 classes in y, got one class: {encoder.classes_.tolist()}")
+    X, y, encoder = model._training_data(X, y)
     device = resolve_dask_device(client, model.device).device
     X_dask, y_dask, futures = scatter_partitions(client, X, encoder.transform(y).astype(np.int32), n_partitions)
-    distributed_model = dxgb.DaskXGBClassifier(
-        n_estimators=model.n_estimators,
-        max_depth=model.max_depth,
-        learning_rate=model.learning_rate,
-        subsample=model.subsample,
-        colsample_bytree=model.colsample_bytree,
-        min_child_weight=model.min_child_weight,
-        reg_lambda=model.reg_lambda,
-        random_state=model.random_state,
-        tree_method="hist",
-        device=device,
-    )
+    distributed_model = dxgb.DaskXGBClassifier(**model.booster_params(device))
     distributed_model.client = client
     try:
         distributed_model.fit(X_dask, y_dask)

@@ -251,6 +251,22 @@ class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
         """
         import xgboost
 
+        X, y, encoder = self._training_data(X, y)
+        device = self.device
+        if device == "auto":
+            device = resolve_xgboost_device("auto").device
+        model = xgboost.XGBClassifier(**self.booster_params(device), n_jobs=self.n_jobs)
+        model.fit(X, encoder.transform(y))
+        used = _booster_device(model.get_booster())
+        if device == "cuda" and not used.startswith("cuda"):
+            raise DeviceUnavailableError(f"XGBoost was asked for device='cuda' but trained on {used!r}")
+        self.booster_ = model
+        self.classes_ = encoder.classes_
+        self.device_ = used
+        return self
+
+    def _training_data(self, X, y):
+        """Validated ``(X float32, y, fitted LabelEncoder)``; at least two classes."""
         self._validate_params()
         X, y = validate_data(self, X, y, dtype=np.float32, ensure_all_finite=True)
         check_classification_targets(y)  # rejects continuous targets with a clear message
@@ -260,10 +276,11 @@ class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
                 "XGBoostFeatureClassifier needs at least 2 classes in y, got one class: "
                 f"{encoder.classes_.tolist()}"
             )
-        device = self.device
-        if device == "auto":
-            device = resolve_xgboost_device("auto").device
-        model = xgboost.XGBClassifier(
+        return X, y, encoder
+
+    def booster_params(self, device: str) -> dict:
+        """Keyword arguments of the XGBoost estimator (local or Dask) on ``device``."""
+        return dict(
             n_estimators=self.n_estimators,
             max_depth=self.max_depth,
             learning_rate=self.learning_rate,
@@ -271,19 +288,10 @@ class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
             colsample_bytree=self.colsample_bytree,
             min_child_weight=self.min_child_weight,
             reg_lambda=self.reg_lambda,
-            n_jobs=self.n_jobs,
             random_state=self.random_state,
             tree_method="hist",
             device=device,
         )
-        model.fit(X, encoder.transform(y))
-        used = _booster_device(model.get_booster())
-        if device == "cuda" and not used.startswith("cuda"):
-            raise DeviceUnavailableError(f"XGBoost was asked for device='cuda' but trained on {used!r}")
-        self.booster_ = model
-        self.classes_ = encoder.classes_
-        self.device_ = used
-        return self
 
     def predict_proba(self, X) -> np.ndarray:
         """Class probabilities, shape (n_rows, n_classes), columns = ``classes_``."""

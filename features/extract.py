@@ -132,6 +132,42 @@ def make_config(
     )
 
 
+def backbone_options(backbone: str, *, weights: str = "imagenet", stain_reference: str | None = None,
+                     crop_size: int | None = None, scale: float | None = None,
+                     two_stage_model: str | Path | None = None):
+    """Defaults of the options that depend on the backbone, as given on the command line.
+
+    Returns ``(weights, stain_reference, crop_size, scale, model_stain)`` for
+    :func:`make_config`; ``model_stain`` is the two-stage model's own Macenko state (to put in
+    the config) or ``None``.  For ``two_stage`` the defaults are the model's: crops of its patch
+    size (what the network was trained on), its scale (its magnification) and its stain
+    normalisation; for the ImageNet backbones, the :class:`ExtractionConfig` defaults and the
+    ``auto`` stain reference.
+    """
+    from features.backbones import read_two_stage_record
+
+    d = ExtractionConfig
+    if backbone != "two_stage":
+        if two_stage_model is not None:
+            raise ValueError("--two-stage-model is for --backbone two_stage")
+        if stain_reference is not None and stain_reference.lower() == "model":
+            raise ValueError("--stain-reference model is for --backbone two_stage")
+        return weights, stain_reference or "auto", crop_size or d.crop_size, scale or d.scale, None
+    if two_stage_model is None:
+        raise ValueError("--backbone two_stage needs --two-stage-model MODEL_DIR (a trained two-stage model)")
+    if weights != "imagenet":
+        raise ValueError("--backbone two_stage takes its weights from --two-stage-model, not --weights")
+    model = read_two_stage_record(two_stage_model)["config"]
+    scale = scale or model["scale"]
+    if scale != model["scale"]:
+        log.warning("extracting at scale %s, but the two-stage model was trained at scale %s",
+                    scale, model["scale"])
+    stain, model_stain = stain_reference or "model", None
+    if stain.lower() == "model":
+        stain, model_stain = "none", model.get("stain")
+    return str(two_stage_model), stain, crop_size or model["patch_size"], scale, model_stain
+
+
 def describe_device() -> str:
     """Which device TensorFlow will run the backbone on; logged so a GPU run is never silent."""
     import tensorflow as tf

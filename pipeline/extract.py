@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from data.datasets import DatasetError, load_dataset
     from data.synthetic import write_dataset
     from features.backbones import WeightsNotFoundError
-    from features.extract import extract_to_store, make_config
+    from features.extract import backbone_options, extract_to_store, make_config
     from features.stain import StainNormalizationError
     from features.store import StoreError
 
@@ -105,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
                                    size=(384, 512), seed=args.seed)
         dataset = load_dataset(source)
         for options in store_options(args):
-            weights, stain_reference, crop_size, scale, model_stain = _backbone_options(options)
+            weights, stain_reference, crop_size, scale, model_stain = backbone_options(
+                options.backbone, weights=options.weights, stain_reference=options.stain_reference,
+                crop_size=options.crop_size, scale=options.scale,
+                two_stage_model=options.two_stage_model)
             config = make_config(
                 dataset, backbone=options.backbone, weights=weights,
                 stain_reference=stain_reference, augmentations=options.augmentations,
@@ -151,38 +154,6 @@ def _extract_on_dask(args, dataset, config):
     with dask_client(args.dask) as client:
         return extract_on_dask(dataset, config, args.out, client, batch_size=args.batch_size,
                                progress=not args.quiet)
-
-
-def _backbone_options(args):
-    """Weights, stain reference, crop size, scale and the model's stain state for the backbone.
-
-    For ``two_stage`` the defaults are the model's: crops of its patch size (what the network
-    was trained on), its scale (its magnification) and its stain normalisation.
-    """
-    from features.backbones import read_two_stage_record
-
-    d = ExtractionConfig
-    if args.backbone != "two_stage":
-        if args.two_stage_model is not None:
-            raise ValueError("--two-stage-model is for --backbone two_stage")
-        if args.stain_reference is not None and args.stain_reference.lower() == "model":
-            raise ValueError("--stain-reference model is for --backbone two_stage")
-        return (args.weights, args.stain_reference or "auto", args.crop_size or d.crop_size,
-                args.scale or d.scale, None)
-    if args.two_stage_model is None:
-        raise ValueError("--backbone two_stage needs --two-stage-model MODEL_DIR (a trained two-stage model)")
-    if args.weights != "imagenet":
-        raise ValueError("--backbone two_stage takes its weights from --two-stage-model, not --weights")
-    model = read_two_stage_record(args.two_stage_model)["config"]
-    scale = args.scale or model["scale"]
-    if scale != model["scale"]:
-        log.warning("extracting at scale %s, but the two-stage model was trained at scale %s",
-                    scale, model["scale"])
-    stain = (args.stain_reference or "model")
-    model_stain = None
-    if stain.lower() == "model":
-        stain, model_stain = "none", model.get("stain")
-    return (str(args.two_stage_model), stain, args.crop_size or model["patch_size"], scale, model_stain)
 
 
 def report(summary, config) -> str:
