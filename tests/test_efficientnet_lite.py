@@ -201,3 +201,20 @@ def test_preprocess_input_matches_lite_normalisation():
     out = preprocess_input(np.array([0, 127, 255], dtype=np.uint8))
     assert out.dtype == np.float32
     np.testing.assert_allclose(out, [-127 / 128, 0.0, 1.0])
+
+
+def test_multilevel_backbone_concatenates_group_outputs_on_the_head_grid():
+    from features.backbones import get_backbone, resolve_weights
+    from features.efficientnet_lite import group_outputs
+
+    assert [(n, s, c) for n, s, c in group_outputs("lite0") if s >= 8] == [
+        ("block4_add", 8, 40), ("block7_add", 16, 80), ("block10_add", 16, 112),
+        ("block14_add", 32, 192), ("block15_project_bn", 32, 320), ("head_relu6", 32, 1280)]
+    multi, plain = get_backbone("efficientnet_lite0_multilevel"), get_backbone("efficientnet_lite0")
+    assert multi.feature_dim == 2024
+    weights = resolve_weights(plain, "imagenet")
+    x = np.random.default_rng(0).uniform(0, 255, (1, 100, 130, 3)).astype("float32")
+    levels = multi.build(weights)(multi.preprocess(x)).numpy()
+    head = plain.build(weights)(plain.preprocess(x)).numpy()
+    assert levels.shape == (1, 4, 5, 2024) and head.shape == (1, 4, 5, 1280)
+    np.testing.assert_allclose(levels[..., -1280:], head, rtol=1e-5, atol=1e-5)
