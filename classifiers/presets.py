@@ -46,18 +46,19 @@ class Preset:
 
 
 PRESETS = {
+    # Best mean 4-class accuracy over 3 fold seeds among the 12 single stores and 4 fusions of
+    # README's comparison (77.0 +- 1.7 %), and one of the cheapest to extract.
     "bach": Preset(
         name="bach",
-        description="EfficientNet-Lite0 whole-image features at scales 0.25 and 0.5 (8 colour "
-        "augmentations each), tuned logistic regression, probabilities averaged over scales",
+        description="EfficientNet-Lite0 multi-level features (block groups of stride 8-32 and the "
+        "head) of the whole image at scale 0.5, 8 colour augmentations, logistic regression "
+        "with C chosen by inner grouped CV",
         stores=(
-            {"backbone": "efficientnet_lite0", "mode": "whole", "scale": 0.25, "augmentations": 8,
-             "crops": 1, "crop_size": 0, "pooling": "mean"},
-            {"backbone": "efficientnet_lite0", "mode": "whole", "scale": 0.5, "augmentations": 8,
-             "crops": 1, "crop_size": 0, "pooling": "mean"},
+            {"backbone": "efficientnet_lite0_multilevel", "mode": "whole", "scale": 0.5,
+             "augmentations": 8, "crops": 1, "crop_size": 0, "pooling": "mean"},
         ),
         classifier="logreg",
-        fusion="mean-proba",
+        fusion="concat",  # one store: no fusion
         tune=True,
     ),
 }

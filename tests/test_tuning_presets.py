@@ -180,14 +180,14 @@ def test_select_stores_finds_each_preset_store_by_config(tmp_path):
     from features.config import ExtractionConfig
     from features.store import FeatureStore
 
-    FeatureStore(tmp_path / "root", ExtractionConfig(weights="none")).open()  # not the preset's
+    other = FeatureStore(tmp_path / "root", ExtractionConfig(weights="none")).open()  # not the preset's
     chosen = select_stores(preset, [tmp_path / "root"])
     assert len(chosen) == len(preset.stores)
     for path, options in zip(chosen, preset.stores):
         config = json.loads((path / "config.json").read_text())
         assert {k: config[k] for k in options} == options
     with pytest.raises(PresetStoreError, match="pipeline.extract --preset bach"):
-        select_stores(preset, [chosen[0]])  # only one of the stores
+        select_stores(preset, [other.path])  # a store, but not the preset's
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("nope")
 
