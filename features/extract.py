@@ -35,6 +35,17 @@ from features.store import FeatureStore, FeatureTable, make_record
 
 log = logging.getLogger(__name__)
 
+
+class _OneGraphPerExtractor(logging.Filter):
+    """Drops TensorFlow's retracing warning: each :class:`FeatureExtractor` (one per store of a
+    multi-store model) compiles its own graphs once, which TF counts as retracing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
+logging.getLogger("tensorflow").addFilter(_OneGraphPerExtractor())
+
 # How many images the stain reference is chosen among (spread over the dataset).
 REFERENCE_CANDIDATES = 16
 

@@ -117,7 +117,8 @@ def report(model, out) -> str:
     per_class = ", ".join(f"{c} {n}" for c, n in t["images_per_class"].items())
     stores = ", ".join(
         f"{name} ({cfg.get('backbone')}, {dim} features, {cfg.get('augmentations')} augmentations x "
-        + ("whole image" if cfg.get("mode") == "whole" else f"{cfg.get('crops')} crops of {cfg.get('crop_size')} px")
+        + ("whole image" if cfg.get("mode") == "whole"
+           else f"{cfg.get('crops')} crops of {cfg.get('crop_size')} px ({cfg.get('mode', 'exact')})")
         + f", scale {cfg.get('scale')})"
         for name, cfg, dim in zip(model.store_names, model.store_configs, model.feature_dims)
     )
