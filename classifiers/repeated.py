@@ -107,7 +107,8 @@ def ensemble_markdown(table: pd.DataFrame) -> str:
     header = ["run", "stores", *schemes, "AUC carcinoma"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
-        cells = [r["run"], r["stores"]]
+        stores = r["stores"].split("+")  # a fusion's full list is in ensemble.csv
+        cells = [r["run"], stores[0] if len(stores) == 1 else f"{len(stores)} stores"]
         for s in schemes:
             cells.append(f"{100 * r[f'{s}_mean']:.1f} ± {100 * r[f'{s}_sd_seeds']:.1f} "
                          f"[{100 * r[f'{s}_sd_folds']:.1f}]")
