@@ -39,7 +39,8 @@ class BackboneSpec:
     build : ``build(weights_file or None, input_shape=(None, None, 3)) -> keras.Model`` mapping
         preprocessed ``(batch, h, w, 3)`` float32 images to feature maps
         ``(batch, h', w', feature_dim)``.
-    preprocess : ``preprocess(rgb_float32_0_255) -> float32`` input scaling of the weights.
+    preprocess : ``preprocess(rgb_float32_0_255) -> float32`` input scaling of the weights; must
+        also take a float32 tensor (it runs inside the extractor's compiled graph).
     default_weights : ``() -> Path`` locating the ImageNet weights file or raising
         :class:`WeightsNotFoundError`.
     weights_source : human-readable origin of the ImageNet weights.
@@ -249,8 +250,9 @@ def build_two_stage_features(weights_file: Path | None, input_shape=(None, None,
     return keras.Model(inputs, outputs, name="two_stage_features")
 
 
-def _identity_preprocess(x: np.ndarray) -> np.ndarray:
-    return np.asarray(x, dtype=np.float32)  # the patch-wise network scales [0, 255] itself
+def _identity_preprocess(x):
+    # the patch-wise network scales [0, 255] itself
+    return np.asarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x
 
 
 def weights_sha256(spec: BackboneSpec, path: Path | str) -> str:

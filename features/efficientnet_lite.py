@@ -115,15 +115,18 @@ def preprocess_input(x):
 
     Parameters
     ----------
-    x : array_like
-        ``uint8`` or float RGB images with values in ``[0, 255]``, channels last.
+    x : array_like or float32 tensor
+        ``uint8`` or float RGB images with values in ``[0, 255]``, channels last; a tensor is
+        scaled with tensor ops (inside a compiled graph).
 
     Returns
     -------
-    numpy.ndarray
-        float32 array ``(x - 127) / 128``, roughly in ``[-1, 1]``.
+    numpy.ndarray or tensor
+        float32 ``(x - 127) / 128``, roughly in ``[-1, 1]``.
     """
-    return (np.asarray(x, dtype=np.float32) - _MEAN_RGB) / _STD_RGB
+    if isinstance(x, (np.ndarray, list, tuple)):
+        x = np.asarray(x, dtype=np.float32)
+    return (x - _MEAN_RGB) / _STD_RGB
 
 
 def default_weights_path(variant="lite0"):

@@ -218,6 +218,12 @@ def _private_keras_seeds(seed: int):
             seed_generator.python_random = shared
 
 
+def _check_uint8(images: np.ndarray) -> None:
+    # Batches are uint8 on their way into the graph; a float array would be truncated silently.
+    if np.asarray(images).dtype != np.uint8:
+        raise TypeError(f"the extractor takes uint8 RGB images, got {np.asarray(images).dtype}")
+
+
 class FeatureExtractor:
     """Runs one backbone on crops in fixed-shape batches through one compiled graph per shape.
 
@@ -256,13 +262,16 @@ class FeatureExtractor:
         log.info("backbone %s runs on %s in %s", config.backbone, self.device, config.precision)
         # One compiled graph per input shape; batches are padded to a fixed size to keep it so.
         # autograph=False: plain tensor code, nothing to convert (and no warning about lambdas).
-        self._maps = tf.function(
-            lambda x: tf.cast(self.model(x, training=False), tf.float32), autograph=False
-        )
-        self._forward = tf.function(
-            lambda x: tf.reduce_mean(tf.cast(self.model(x, training=False), tf.float32), axis=[1, 2]),
-            autograph=False,
-        )
+        # Batches enter as uint8 and are scaled inside the graph: 4x less data to copy in, and
+        # TF's kernels instead of numpy temporaries (~3 % of a ResNet50 pass at 750 px).  Lite
+        # and ResNet50 features are bit-identical to scaling in numpy; Xception's differ in the
+        # last bit (its division by 127.5).
+        def maps(x):
+            x = self.spec.preprocess(tf.cast(x, tf.float32))
+            return tf.cast(self.model(x, training=False), tf.float32)
+
+        self._maps = tf.function(maps, autograph=False)
+        self._forward = tf.function(lambda x: tf.reduce_mean(maps(x), axis=[1, 2]), autograph=False)
 
     def check_side(self, side: int) -> None:
         if side < self.spec.min_input:
@@ -272,10 +281,11 @@ class FeatureExtractor:
 
     def run_batch(self, crops: np.ndarray) -> np.ndarray:
         """Up to ``batch_size`` uint8 crops -> ``(n, feature_dim)``, zero-padding the batch."""
+        _check_uint8(crops)
         n, side = len(crops), crops.shape[1]
-        batch = np.zeros((self.batch_size, side, side, 3), dtype=np.float32)
+        batch = np.zeros((self.batch_size, side, side, 3), dtype=np.uint8)
         batch[:n] = crops
-        return np.asarray(self._forward(self.spec.preprocess(batch)))[:n].astype(np.float32)
+        return np.asarray(self._forward(batch))[:n].astype(np.float32)
 
     def feature_maps(self, images: np.ndarray, pad_to: int | None = None) -> np.ndarray:
         """Up to ``batch_size`` same-shape uint8 images -> ``(n, h', w', dim)`` feature maps.
@@ -283,10 +293,11 @@ class FeatureExtractor:
         The batch is zero-padded to ``pad_to`` images (default ``batch_size``); keep it fixed
         within a run so that one graph serves every batch.
         """
+        _check_uint8(images)
         n = len(images)
-        batch = np.zeros((pad_to or self.batch_size, *images.shape[1:]), dtype=np.float32)
+        batch = np.zeros((pad_to or self.batch_size, *images.shape[1:]), dtype=np.uint8)
         batch[:n] = images
-        return np.asarray(self._maps(self.spec.preprocess(batch)))[:n].astype(np.float32)
+        return np.asarray(self._maps(batch))[:n].astype(np.float32)
 
     def features(self, crops: np.ndarray) -> np.ndarray:
         """``(n, side, side, 3)`` uint8 crops of one image -> ``(n, feature_dim)`` float32."""
