@@ -125,12 +125,6 @@ def _lite_builder(variant: str) -> Callable:
 _MULTILEVEL_MIN_STRIDE = 8
 
 
-def multilevel_dim(variant: str) -> int:
-    from features.efficientnet_lite import group_outputs
-
-    return sum(c for _, stride, c in group_outputs(variant) if stride >= _MULTILEVEL_MIN_STRIDE)
-
-
 def _lite_multilevel_builder(variant: str) -> Callable:
     """EfficientNet-Lite whose map concatenates the outputs of every block group of stride >= 8
     and the head, each average-pooled to the head's 32-pixel grid.
@@ -309,7 +303,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     ),
     "efficientnet_lite0_multilevel": BackboneSpec(
         name="efficientnet_lite0_multilevel",
-        feature_dim=multilevel_dim("lite0"),
+        # 40 + 80 + 112 + 192 + 320 + 1280: efficientnet_lite.group_outputs("lite0") from stride 8;
+        # a literal because that module imports Keras, and the registry must import fast.
+        feature_dim=2024,
         build=_lite_multilevel_builder("lite0"),
         preprocess=_lite_preprocess,
         default_weights=_lite_weights("lite0"),

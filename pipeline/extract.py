@@ -140,8 +140,8 @@ def store_options(args) -> list:
     if args.preset is None:
         scales = args.scale or [None]
         return [argparse.Namespace(**{**vars(args), "scale": s}) for s in scales]
-    defaults = vars(build_parser().parse_args(["--data", "x", "--out", "x"]))
-    clashing = [f for f in STORE_FIELDS if getattr(args, f) != defaults[f]]
+    parser = build_parser()
+    clashing = [f for f in STORE_FIELDS if getattr(args, f) != parser.get_default(f)]
     if clashing:
         raise ValueError(f"--preset {args.preset} sets {', '.join('--' + f.replace('_', '-') for f in clashing)};"
                          " drop those options or the preset")

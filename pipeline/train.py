@@ -27,6 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from classifiers.experiment import FUSION_CHOICES
 from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES
 from classifiers.presets import PRESET_NAMES, get_preset
+from features.config import ExtractionConfig
 
 log = logging.getLogger("pipeline.train")
 SCHEME_CHOICES = ("bach4", "bmc3", "binary")
@@ -116,10 +117,7 @@ def report(model, out) -> str:
     t = model.training
     per_class = ", ".join(f"{c} {n}" for c, n in t["images_per_class"].items())
     stores = ", ".join(
-        f"{name} ({cfg.get('backbone')}, {dim} features, {cfg.get('augmentations')} augmentations x "
-        + ("whole image" if cfg.get("mode") == "whole"
-           else f"{cfg.get('crops')} crops of {cfg.get('crop_size')} px ({cfg.get('mode', 'exact')})")
-        + f", scale {cfg.get('scale')})"
+        f"{name} ({cfg.get('backbone')}, {dim} features, {ExtractionConfig.from_dict(cfg).sampling})"
         for name, cfg, dim in zip(model.store_names, model.store_configs, model.feature_dims)
     )
     lines = [
