@@ -98,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import StoreError
 
     try:
+        stores = store_options(args)  # option clashes fail before any data is read or written
         source = args.data
         if source == SYNTHETIC:
             # 8 per class: enough for 6-fold CV; 384x512 keeps the demo to seconds per image.
             source = write_dataset(args.out / "synthetic-data", n_per_class=8,
                                    size=(384, 512), seed=args.seed)
         dataset = load_dataset(source)
-        for options in store_options(args):
+        for options in stores:
             weights, stain_reference, crop_size, scale, model_stain = backbone_options(
                 options.backbone, weights=options.weights, stain_reference=options.stain_reference,
                 crop_size=options.crop_size, scale=options.scale,
