@@ -95,14 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "per fold goes to tuning.csv")
     parser.add_argument("--preset", choices=PRESET_NAMES,
                         help="a documented best configuration: its classifier, fusion and tuning (see "
-                        "README); --features may then be the store root pipeline.extract --preset wrote")
+                        "docs/accuracy.md); --features may then be the store root pipeline.extract --preset wrote")
     parser.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads (default 2)")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="XGBoost device: auto (GPU if usable, else CPU), cpu, or cuda (fail without GPU)")
     two = parser.add_argument_group("two-stage CNN (--classifier two_stage)")
     two.add_argument("--two-stage-preset", default="paper", choices=TWO_STAGE_PRESETS,
                      help="starting config: paper (Nazeri et al.: 512-px patches at full resolution, 30+30 "
-                     "epochs) or cpu (scale 0.25, 128-px patches, half the patch-wise width, 25 epochs: see README)")
+                     "epochs) or cpu (scale 0.25, 128-px patches, half the patch-wise width, 25 epochs: see docs/two-stage.md)")
     two.add_argument("--two-stage-config", metavar="JSON",
                      help="TwoStageConfig fields overriding the preset: a JSON file or an inline JSON "
                      "object, e.g. '{\"epochs\": 5}' (scheme, seed and stain come from --labels, --seed, "

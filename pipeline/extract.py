@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "scale (multi-scale features, fused by pipeline.cv_report)")
     p.add_argument("--preset", choices=PRESET_NAMES,
                    help="extract the stores of a documented configuration (backbone, mode, scales, "
-                   "augmentations, crops: see README); stain reference, seed, precision, batch size "
+                   "augmentations, crops: see docs/accuracy.md); stain reference, seed, precision, batch size "
                    "and --dask stay yours. Then: pipeline.cv_report --preset NAME --features OUT")
     p.add_argument("--pooling", default=d.pooling, choices=POOLINGS,
                    help="how the crops' features become one vector per augmented image")
