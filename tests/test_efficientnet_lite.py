@@ -15,6 +15,7 @@ from features.efficientnet_lite import (
     build_efficientnet_lite,
     default_weights_path,
     feature_dim,
+    group_outputs,
     preprocess_input,
 )
 from features.torch_legacy import LEGACY_MAGIC_NUMBER, UnsafePickleError, load_state_dict
@@ -165,14 +166,15 @@ def imagenet_lite0():
     return build_efficientnet_lite("lite0", weights="imagenet", include_top=True, input_shape=(224, 224, 3))
 
 
-def test_lite2_imagenet_weights_recognise_a_cat():
-    model = build_efficientnet_lite("lite2", weights="imagenet", include_top=True,
-                                    input_shape=(260, 260, 3))
-    image = transform.resize(data.chelsea(), (260, 260), preserve_range=True, anti_aliasing=True)
+@pytest.mark.parametrize("variant, side, p_egyptian", [("lite1", 240, 0.784), ("lite2", 260, 0.737)])
+def test_lite1_lite2_imagenet_weights_recognise_a_cat(variant, side, p_egyptian):
+    model = build_efficientnet_lite(variant, weights="imagenet", include_top=True,
+                                    input_shape=(side, side, 3))
+    image = transform.resize(data.chelsea(), (side, side), preserve_range=True, anti_aliasing=True)
     probs = model.predict_on_batch(preprocess_input(image[None]))[0]
     top3 = np.argsort(probs)[::-1][:3]
     assert top3[0] == 285 and set(top3.tolist()) <= CAT_CLASSES  # Egyptian, tiger, tabby cat
-    assert probs[285] == pytest.approx(0.737, abs=0.05)
+    assert probs[285] == pytest.approx(p_egyptian, abs=0.05)
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +207,6 @@ def test_preprocess_input_matches_lite_normalisation():
 
 def test_multilevel_backbone_concatenates_group_outputs_on_the_head_grid():
     from features.backbones import get_backbone, resolve_weights
-    from features.efficientnet_lite import group_outputs
 
     assert [(n, s, c) for n, s, c in group_outputs("lite0") if s >= 8] == [
         ("block4_add", 8, 40), ("block7_add", 16, 80), ("block10_add", 16, 112),
@@ -218,3 +219,16 @@ def test_multilevel_backbone_concatenates_group_outputs_on_the_head_grid():
     head = plain.build(weights)(plain.preprocess(x)).numpy()
     assert levels.shape == (1, 4, 5, 2024) and head.shape == (1, 4, 5, 1280)
     np.testing.assert_allclose(levels[..., -1280:], head, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["lite0", "lite1", "lite2"])
+def test_registry_lite_entries_match_the_networks(variant):
+    from features.backbones import get_backbone
+
+    levels = [c for _name, stride, c in group_outputs(variant) if stride >= 8]
+    multi = get_backbone(f"efficientnet_{variant}_multilevel")
+    assert multi.feature_dim == sum(levels) == {"lite0": 2024, "lite1": 2024, "lite2": 2096}[variant]
+    assert get_backbone(f"efficientnet_{variant}").feature_dim == feature_dim(variant) == 1280
+    assert multi.default_weights().name.startswith(f"efficientnet-{variant}")
+    x = np.zeros((1, 64, 96, 3), dtype="float32")
+    assert multi.build(None)(multi.preprocess(x)).shape == (1, 2, 3, multi.feature_dim)
