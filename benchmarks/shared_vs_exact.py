@@ -20,7 +20,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see pipeline/cv_report.py
 import numpy as np
 
 from classifiers import CVConfig, build_dataset, run_cross_validation
-from classifiers.report import summarize
+from classifiers.evaluation.report import summarize
 from data.datasets import load_dataset
 from data.io import read_image
 from features.augment import ColorAugmentation, draw_augmentation

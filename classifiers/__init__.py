@@ -4,23 +4,23 @@ Typical use (what ``python -m pipeline.cv_report`` does)::
 
     from features.store import load_store
     from classifiers import CVConfig, build_dataset, run_cross_validation
-    from classifiers.report import write_report
+    from classifiers.evaluation.report import write_report
 
     tables = [load_store(d) for d in store_dirs]
     config = CVConfig(scheme="bmc3", n_folds=6, seed=0)
     result = run_cross_validation(build_dataset(tables, config.scheme), config)
     write_report(result, "runs/report")
 
-Modules: :mod:`~classifiers.models` (estimators, XGBoost device choice),
-:mod:`~classifiers.dataset` (store validation, alignment, label schemes),
-:mod:`~classifiers.folds` (grouped stratified folds),
-:mod:`~classifiers.voting` (per-image voting),
-:mod:`~classifiers.experiment` (cross-validation, fusion, final fit),
-:mod:`~classifiers.metrics` and :mod:`~classifiers.report`.
+Modules: :mod:`~classifiers.feature.estimators` (estimators, XGBoost device choice),
+:mod:`~classifiers.evaluation.cv_dataset` (store validation, alignment, label schemes),
+:mod:`~classifiers.evaluation.folds` (grouped stratified folds),
+:mod:`~classifiers.evaluation.voting` (per-image voting),
+:mod:`~classifiers.evaluation.cross_validation` (cross-validation, fusion, final fit),
+:mod:`~classifiers.evaluation.metrics` and :mod:`~classifiers.evaluation.report`.
 """
 
-from classifiers.dataset import CVDataset, InputDataError, build_dataset
-from classifiers.experiment import (
+from classifiers.evaluation.cv_dataset import CVDataset, InputDataError, build_dataset
+from classifiers.evaluation.cross_validation import (
     FUSION_CHOICES,
     CVConfig,
     CVResult,
@@ -30,8 +30,8 @@ from classifiers.experiment import (
     plan_runs,
     run_cross_validation,
 )
-from classifiers.folds import assign_folds, check_fold_feasibility
-from classifiers.models import (
+from classifiers.evaluation.folds import assign_folds, check_fold_feasibility
+from classifiers.feature.estimators import (
     CLASSIFIER_NAMES,
     DeviceChoice,
     XGBoostFeatureClassifier,
@@ -39,7 +39,7 @@ from classifiers.models import (
     make_logreg,
     resolve_xgboost_device,
 )
-from classifiers.voting import VoteResult, vote
+from classifiers.evaluation.voting import VoteResult, vote
 
 __all__ = [
     "CLASSIFIER_NAMES",

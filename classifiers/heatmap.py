@@ -310,7 +310,7 @@ def feature_heatmap(
         One per feature store of the model; all must share one ``scale``.
     classifier : object with ``predict_proba``
         Gets the ``(n_windows, dim)`` features for a single source, or the list of every
-        source's matrix for a sequence (as :meth:`classifiers.experiment.FittedModel.predict_proba`).
+        source's matrix for a sequence (as :meth:`classifiers.evaluation.cross_validation.FittedModel.predict_proba`).
     window, step : int
         In pixels of the resized image (the unit of ``--crop-size``).
     classes : sequence of str, optional

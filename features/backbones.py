@@ -200,7 +200,7 @@ def _lite_multilevel_spec(variant: str, feature_dim: int) -> BackboneSpec:
     )
 
 
-#: Files of a two-stage model directory (classifiers.two_stage.TwoStageModel.save).
+#: Files of a two-stage model directory (classifiers.two_stage.model.TwoStageModel.save).
 TWO_STAGE_PATCH_NET = "patch_net.keras"
 TWO_STAGE_CONFIG = "config.json"
 

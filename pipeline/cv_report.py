@@ -10,9 +10,9 @@ Usage::
 
 ``--classifier`` and ``--fusion`` may be repeated or comma-separated; by default
 both feature classifiers run on ``--features``, and the two-stage CNN on ``--data``
-(:mod:`classifiers.two_stage_cv`; its per-fold models and checkpoints go to
+(:mod:`classifiers.two_stage.cv`; its per-fold models and checkpoints go to
 ``REPORT_DIR/two_stage_folds``).  This module only parses arguments, builds the configs,
-calls the library and writes the report (see :mod:`classifiers.report` for the files).
+calls the library and writes the report (see :mod:`classifiers.evaluation.report` for the files).
 """
 
 from __future__ import annotations
@@ -32,11 +32,11 @@ from dataclasses import replace
 from pathlib import Path
 
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
-from classifiers.models import DEVICE_CHOICES, DeviceUnavailableError
-from classifiers.presets import PRESET_NAMES, get_preset
+from classifiers.feature.estimators import DEVICE_CHOICES, DeviceUnavailableError
+from classifiers.feature.presets import PRESET_NAMES, get_preset
 
-from classifiers.two_stage import TwoStageInputError
-from classifiers.two_stage_training import CheckpointMismatchError
+from classifiers.two_stage.model import TwoStageInputError
+from classifiers.two_stage.training import CheckpointMismatchError
 from data.datasets import DatasetError
 from data.io import ImageReadError
 from features.stain import StainNormalizationError
@@ -48,7 +48,7 @@ _TWO_STAGE_ERRORS = (TwoStageInputError, CheckpointMismatchError, DatasetError, 
 SCHEME_CHOICES = ("bach4", "bmc3", "binary")
 TWO_STAGE = "two_stage"
 ALL_CLASSIFIERS = CLASSIFIER_NAMES + (TWO_STAGE,)
-TWO_STAGE_PRESETS = ("paper", "cpu")  # classifiers.two_stage_cv.PRESETS (not imported: TensorFlow)
+TWO_STAGE_PRESETS = ("paper", "cpu")  # classifiers.two_stage.cv.PRESETS (not imported: TensorFlow)
 
 
 def _choices_list(allowed):
@@ -201,8 +201,8 @@ def main(argv=None) -> dict:
         parser.error(str(exc))
 
     from features.store import StoreError, load_store  # imported late: only the CLI needs the store format
-    from classifiers.presets import PresetStoreError, select_stores
-    from classifiers.report import write_report
+    from classifiers.feature.presets import PresetStoreError, select_stores
+    from classifiers.evaluation.report import write_report
 
     try:
         paths = args.features or ()
@@ -237,7 +237,7 @@ def main(argv=None) -> dict:
 
 def _repeated(dataset, config: CVConfig, seeds, out) -> dict:
     """One report per fold seed under ``out/seed-S`` and the table over seeds in ``out``."""
-    from classifiers.repeated import write_repeated_report
+    from classifiers.evaluation.repeated import write_repeated_report
 
     written = write_repeated_report(dataset, config, seeds, out)
     print(written["markdown"], end="")
@@ -247,7 +247,7 @@ def _repeated(dataset, config: CVConfig, seeds, out) -> dict:
 
 def _two_stage(args, config: CVConfig, tables):
     """Cross-validate the two-stage CNN (and the feature classifiers on `tables`) on shared folds."""
-    from classifiers import two_stage_cv
+    from classifiers.two_stage import cv as two_stage_cv
     from data.datasets import load_dataset
 
     try:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from classifiers.presets import PRESET_NAMES, STORE_FIELDS, get_preset
+from classifiers.feature.presets import PRESET_NAMES, STORE_FIELDS, get_preset
 from features.backbones import backbone_names
 from features.config import MODES, PRECISIONS, ExtractionConfig
 from features.pooling import POOLINGS
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 def store_options(args) -> list:
     """One namespace per store to extract: per ``--scale`` value, or per store of ``--preset``.
 
-    A preset fixes :data:`classifiers.presets.STORE_FIELDS`; giving one of those options too
+    A preset fixes :data:`classifiers.feature.presets.STORE_FIELDS`; giving one of those options too
     is an error rather than a silent choice between the two.
     """
     if args.preset is None:

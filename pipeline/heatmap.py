@@ -110,8 +110,8 @@ class FeatureModelMaps:
 
     def __init__(self, model_dir: Path, args):
         from classifiers.heatmap import FeatureSource
-        from classifiers.model_io import load_model
-        from classifiers.predict import reproducible_configs
+        from classifiers.feature.model_io import load_model
+        from classifiers.feature.predict import reproducible_configs
         from features.extract import FeatureExtractor
 
         self.args, self.model = args, load_model(model_dir)
@@ -130,7 +130,7 @@ class FeatureModelMaps:
         """The model's own whole-image predictions (every augmentation, majority vote)."""
         if self.args.whole_image != "model":
             return
-        from classifiers.predict import predict_images
+        from classifiers.feature.predict import predict_images
 
         result = predict_images(self.model, paths, weights=self.weights)
         for row in result.table.to_dict("records"):
@@ -155,7 +155,7 @@ class PatchCNNMaps:
     """Heatmaps of a patch ConvNet (``pipeline.patch_cnn train``)."""
 
     def __init__(self, model_dir: Path, args):
-        from classifiers.patch_cnn import PATCH_SIZE, PatchCNN
+        from classifiers.patch_cnn.model import PATCH_SIZE, PatchCNN
 
         self.model = PatchCNN.load(model_dir)
         self.window = _check_window(args.window, PATCH_SIZE, "the patch ConvNet")
@@ -179,7 +179,7 @@ class TwoStageMaps:
     """Heatmaps of a two-stage model: windows of its patch size through the patch-wise network."""
 
     def __init__(self, model_dir: Path, args):
-        from classifiers.two_stage import TwoStageModel
+        from classifiers.two_stage.model import TwoStageModel
 
         self.args, self.model = args, TwoStageModel.load(model_dir)
         k = self.model.cfg.patch_size
@@ -196,7 +196,7 @@ class TwoStageMaps:
 
     def __call__(self, path: str, raw):
         from classifiers.heatmap import sliding_window_heatmap
-        from classifiers.two_stage import TwoStageInputError
+        from classifiers.two_stage.model import TwoStageInputError
         from features.extract import scale_image
 
         cfg = self.model.cfg

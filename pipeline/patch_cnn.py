@@ -7,10 +7,10 @@
 
 ``train`` reads every image of ``--images`` with its ``<stem>.json`` point annotations from
 ``--annotations`` (BreCaHAD: ``images/`` and ``groundTruth/``; see
-:mod:`classifiers.annotations` for the format and coordinate conventions), cuts tumour patches
+:mod:`classifiers.patch_cnn.annotations` for the format and coordinate conventions), cuts tumour patches
 around tumour points and non-tumour patches away from every annotated point, splits the images
 70/15/15 into training / validation / test, trains the network of
-:mod:`classifiers.patch_cnn` and saves it.  Images without annotation file or without any
+:mod:`classifiers.patch_cnn.model` and saves it.  Images without annotation file or without any
 annotated object are skipped and listed; an invalid annotation file (unknown class, point
 outside the image, malformed point) stops the run before training, listing every bad file.
 ``synthetic`` writes a BreCaHAD-style synthetic set (normal tissue with an invasive box) to try
@@ -29,8 +29,8 @@ PROG = "python -m pipeline.patch_cnn"
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
-    from classifiers.annotations import PatchSampling
-    from classifiers.patch_cnn import PatchCNNConfig
+    from classifiers.patch_cnn.annotations import PatchSampling
+    from classifiers.patch_cnn.model import PatchCNNConfig
 
     d, s = PatchCNNConfig, PatchSampling
     fmt = argparse.ArgumentDefaultsHelpFormatter
@@ -72,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args) -> str:
     """Build patches, train, save; returns the report."""
-    from classifiers.annotations import PatchSampling
-    from classifiers.patch_cnn import (
+    from classifiers.patch_cnn.annotations import PatchSampling
+    from classifiers.patch_cnn.model import (
         RECORD_FILE, PATCH_SIZE, PatchCNNConfig, build_patch_dataset, pair_annotation_files, train_patch_cnn,
     )
 
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         if args.command == "synthetic":
-            from classifiers.annotations import write_synthetic_annotated
+            from classifiers.patch_cnn.annotations import write_synthetic_annotated
 
             out = write_synthetic_annotated(args.out, args.images, tuple(args.size), args.seed)
             print(f"wrote {args.images} images to {out / 'images'} and annotations to {out / 'groundTruth'}")

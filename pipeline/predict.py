@@ -9,12 +9,12 @@ Each image is processed with the model's own extraction config (stain normalisat
 colour augmentation and crop) and decided by majority voting over its augmentations, as in
 cross-validation.  Unreadable images are skipped, logged with their reason and listed at the
 end; ``predictions.csv`` gets one row per predicted image (see
-:class:`classifiers.predict.PredictionResult`).
+:class:`classifiers.feature.predict.PredictionResult`).
 
 A two-stage model directory (``config.json`` + ``patch_net.keras`` + ``image_net.keras``, from
 ``python -m pipeline.two_stage train`` or a fold of ``pipeline.cv_report``) is recognised and
 predicted with both networks, its 8 rotations/flips taking the place of the augmentations
-(:func:`classifiers.two_stage_cv.predict_two_stage_images`); the CSV has the same columns.
+(:func:`classifiers.two_stage.cv.predict_two_stage_images`); the CSV has the same columns.
 """
 
 from __future__ import annotations
@@ -61,8 +61,8 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from classifiers.model_io import ModelFormatError, load_model
-    from classifiers.predict import ModelCompatibilityError, predict_images, reproducible_configs
+    from classifiers.feature.model_io import ModelFormatError, load_model
+    from classifiers.feature.predict import ModelCompatibilityError, predict_images, reproducible_configs
 
     prog = "python -m pipeline.predict"
     if is_two_stage_model(args.model):
@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
 def _inputs(images):
     """Image paths to predict and the inputs skipped (logged); an error when none is left."""
-    from classifiers.predict import list_images
+    from classifiers.feature.predict import list_images
 
     paths, skipped = list_images(images)
     for item in skipped:
@@ -102,8 +102,8 @@ def is_two_stage_model(model_dir) -> bool:
 
 
 def _main_two_stage(args, prog: str) -> int:
-    from classifiers.two_stage import TwoStageModel
-    from classifiers.two_stage_cv import predict_two_stage_images
+    from classifiers.two_stage.model import TwoStageModel
+    from classifiers.two_stage.cv import predict_two_stage_images
 
     try:
         if args.weights:

@@ -10,8 +10,8 @@
 The model is the one ``pipeline.cv_report`` evaluates (same classifier, defaults and fusion),
 fitted on every image.  The model directory holds only data (JSON and ``.npz``) plus the
 stores' extraction configs, so ``pipeline.predict`` can reproduce the features of new images
-(see :mod:`classifiers.model_io`).  ``--dask`` trains XGBoost with ``xgboost.dask`` on a
-``dask.distributed`` cluster (:mod:`classifiers.dask_xgboost`); the model directory is the same.
+(see :mod:`classifiers.feature.model_io`).  ``--dask`` trains XGBoost with ``xgboost.dask`` on a
+``dask.distributed`` cluster (:mod:`classifiers.feature.dask_xgboost`); the model directory is the same.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import sys
 # Passive OpenMP waiting before XGBoost / scikit-learn load (see pipeline/cv_report.py).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from classifiers.experiment import FUSION_CHOICES
-from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES
-from classifiers.presets import PRESET_NAMES, get_preset
+from classifiers.evaluation.cross_validation import FUSION_CHOICES
+from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES
+from classifiers.feature.presets import PRESET_NAMES, get_preset
 from features.config import ExtractionConfig
 
 log = logging.getLogger("pipeline.train")
@@ -72,12 +72,12 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from classifiers.dataset import InputDataError, build_dataset
-    from classifiers.model_io import TrainConfig, save_model, train_model
-    from classifiers.models import DeviceUnavailableError
+    from classifiers.evaluation.cv_dataset import InputDataError, build_dataset
+    from classifiers.feature.model_io import TrainConfig, save_model, train_model
+    from classifiers.feature.estimators import DeviceUnavailableError
     from features.store import StoreError, exclude_images, load_store
 
-    from classifiers.presets import PresetStoreError, select_stores
+    from classifiers.feature.presets import PresetStoreError, select_stores
 
     preset = get_preset(args.preset) if args.preset else None
     config = TrainConfig(scheme=args.labels,

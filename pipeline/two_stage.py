@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from classifiers.two_stage import METHODS, TwoStageConfig
+from classifiers.two_stage.model import METHODS, TwoStageConfig
 from data.labels import SCHEMES
 
 log = logging.getLogger("pipeline.two_stage")
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args) -> int:
-    from classifiers.two_stage import TwoStageModel
+    from classifiers.two_stage.model import TwoStageModel
     from data.datasets import load_dataset
 
     dataset = load_dataset(args.data, scheme=args.scheme)
@@ -124,7 +124,7 @@ def train_report(model, out: Path) -> str:
 
 
 def predict(args) -> int:
-    from classifiers.two_stage import TwoStageModel, collect_images, predict_table
+    from classifiers.two_stage.model import TwoStageModel, collect_images, predict_table
 
     model = TwoStageModel.load(args.model)
     images = collect_images(args.images)

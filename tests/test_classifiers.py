@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
-from classifiers import models
-from classifiers.dataset import InputDataError
-from classifiers.folds import assign_folds, check_fold_feasibility
-from classifiers.metrics import binary_table, per_class_table, roc_per_class, run_metrics
-from classifiers.models import (
+from classifiers.feature import estimators as models
+from classifiers.evaluation.cv_dataset import InputDataError
+from classifiers.evaluation.folds import assign_folds, check_fold_feasibility
+from classifiers.evaluation.metrics import binary_table, per_class_table, roc_per_class, run_metrics
+from classifiers.feature.estimators import (
     DeviceChoice,
     DeviceUnavailableError,
     XGBoostFeatureClassifier,
@@ -19,7 +19,7 @@ from classifiers.models import (
     make_logreg,
     resolve_xgboost_device,
 )
-from classifiers.voting import vote
+from classifiers.evaluation.voting import vote
 
 
 def _blobs(n_per_class=20, n_features=5, classes=("benign", "insitu", "invasive"), seed=0):

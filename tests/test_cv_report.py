@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from classifiers import experiment
-from classifiers.dataset import InputDataError, build_dataset
-from classifiers.experiment import CVConfig, fit_run_model, plan_runs, run_cross_validation
-from classifiers.report import write_report
+from classifiers.evaluation import cross_validation as experiment
+from classifiers.evaluation.cv_dataset import InputDataError, build_dataset
+from classifiers.evaluation.cross_validation import CVConfig, fit_run_model, plan_runs, run_cross_validation
+from classifiers.evaluation.report import write_report
 from data.labels import class_names
 from features.store import FeatureTable
 

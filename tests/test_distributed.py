@@ -19,11 +19,11 @@ import pytest
 distributed = pytest.importorskip("distributed")
 from distributed.diagnostics.plugin import WorkerPlugin  # noqa: E402
 
-from classifiers.dask_xgboost import fit_xgboost_on_dask, scatter_partitions  # noqa: E402
-from classifiers.dataset import build_dataset  # noqa: E402
-from classifiers.model_io import TrainConfig, load_model, load_xgboost, save_xgboost, train_model  # noqa: E402
-from classifiers.models import XGBoostFeatureClassifier  # noqa: E402
-from classifiers.voting import vote  # noqa: E402
+from classifiers.feature.dask_xgboost import fit_xgboost_on_dask, scatter_partitions  # noqa: E402
+from classifiers.evaluation.cv_dataset import build_dataset  # noqa: E402
+from classifiers.feature.model_io import TrainConfig, load_model, load_xgboost, save_xgboost, train_model  # noqa: E402
+from classifiers.feature.estimators import XGBoostFeatureClassifier  # noqa: E402
+from classifiers.evaluation.voting import vote  # noqa: E402
 from features.distributed import DaskConnectionError, dask_client, extract_on_dask, parse_dask_spec  # noqa: E402
 from features.extract import extract_to_store, make_config  # noqa: E402
 from features.store import load_store  # noqa: E402

@@ -128,7 +128,7 @@ def extractor():
 @pytest.fixture(scope="module")
 def window_classifier(extractor):
     """Logistic regression on pooled 64-pixel window features of normal vs invasive images."""
-    from classifiers.models import make_logreg
+    from classifiers.feature.estimators import make_logreg
 
     X, y = [], []
     for k, label in enumerate(("normal", "invasive")):
@@ -181,8 +181,8 @@ def test_feature_heatmap_refuses_sources_with_different_scales(extractor, window
 @pytest.fixture(scope="module")
 def feature_model_dir(extractor, window_classifier, tmp_path_factory):
     """A pipeline.train-style model directory around the in-memory logistic regression."""
-    from classifiers.experiment import FittedModel, RunSpec
-    from classifiers.model_io import TrainedModel, save_model
+    from classifiers.evaluation.cross_validation import FittedModel, RunSpec
+    from classifiers.feature.model_io import TrainedModel, save_model
 
     config = extractor.config
     fitted = FittedModel(RunSpec("logreg", "logreg", "single", (0,)), [window_classifier], [(0,)],
@@ -228,7 +228,7 @@ def test_cli_errors_exit_2_with_a_message(feature_model_dir, tumour_image, tmp_p
 
 
 def test_cli_heatmap_of_a_two_stage_model_uses_its_patch_wise_network(tmp_path, capsys):
-    from classifiers.two_stage import TwoStageConfig, TwoStageModel
+    from classifiers.two_stage.model import TwoStageConfig, TwoStageModel
 
     config = TwoStageConfig(scheme="binary", patch_size=32, patch_width=2, image_width=2, dense_units=(4,))
     TwoStageModel(config).initialize((2, 2)).save(tmp_path / "two_stage")  # untrained: geometry only

@@ -7,7 +7,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import pytest
 
-from classifiers.annotations import (
+from classifiers.patch_cnn.annotations import (
     AnnotationError,
     NoAnnotationsError,
     PatchSampling,
@@ -19,7 +19,7 @@ from classifiers.annotations import (
     write_synthetic_annotated,
 )
 from classifiers.heatmap import sliding_window_heatmap
-from classifiers.patch_cnn import (
+from classifiers.patch_cnn.model import (
     PatchCNN,
     PatchCNNConfig,
     PatchDataset,

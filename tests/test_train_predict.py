@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from classifiers.dataset import build_dataset
-from classifiers.model_io import (
+from classifiers.evaluation.cv_dataset import build_dataset
+from classifiers.feature.model_io import (
     MODEL_FILE,
     ModelFormatError,
     TrainConfig,
@@ -21,8 +21,8 @@ from classifiers.model_io import (
     save_model,
     train_model,
 )
-from classifiers.predict import ModelCompatibilityError, predict_images, reproducible_configs
-from classifiers.voting import vote
+from classifiers.feature.predict import ModelCompatibilityError, predict_images, reproducible_configs
+from classifiers.evaluation.voting import vote
 from data.datasets import load_dataset
 from data.synthetic import write_dataset
 from features.backbones import file_sha256, get_backbone

@@ -7,12 +7,12 @@ import pandas as pd
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from classifiers.dataset import build_dataset
-from classifiers.experiment import CVConfig, run_cross_validation
-from classifiers.models import make_logreg
-from classifiers.presets import PRESETS, PresetStoreError, get_preset, select_stores
-from classifiers.repeated import ensemble_markdown, ensemble_table, run_repeated_cv
-from classifiers.tuning import PARAM_GRIDS, InnerCVClassifier
+from classifiers.evaluation.cv_dataset import build_dataset
+from classifiers.evaluation.cross_validation import CVConfig, run_cross_validation
+from classifiers.feature.estimators import make_logreg
+from classifiers.feature.presets import PRESETS, PresetStoreError, get_preset, select_stores
+from classifiers.evaluation.repeated import ensemble_markdown, ensemble_table, run_repeated_cv
+from classifiers.feature.tuning import PARAM_GRIDS, InnerCVClassifier
 from data.labels import map_labels
 from test_cv_report import _write_store, synthetic_table
 
@@ -90,7 +90,7 @@ def test_cv_with_tuning_reports_one_choice_per_fold_and_store(tmp_path):
     assert single.chosen_params == [p for p in fused.chosen_params if p["store"] == "a"]
     assert (fused.predictions["truth"] == fused.predictions["prediction"]).mean() >= 0.95
 
-    from classifiers.report import write_report
+    from classifiers.evaluation.report import write_report
 
     write_report(result, tmp_path)
     tuning = pd.read_csv(tmp_path / "tuning.csv")

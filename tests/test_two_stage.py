@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from classifiers import patches as P
-from classifiers.two_stage import (
+from classifiers.two_stage import grid as P
+from classifiers.two_stage.model import (
     METHODS,
     TwoStageConfig,
     TwoStageInputError,
@@ -27,7 +27,7 @@ from classifiers.two_stage import (
     build_patch_network,
     fuse_patch_probabilities,
 )
-from classifiers.two_stage_training import (
+from classifiers.two_stage.training import (
     CheckpointMismatchError,
     CheckpointStore,
     StageSpec,

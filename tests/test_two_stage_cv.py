@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from classifiers.folds import assign_folds
-from classifiers.two_stage import TwoStageModel
-from classifiers.two_stage_cv import RUNS, make_config
+from classifiers.evaluation.folds import assign_folds
+from classifiers.two_stage.model import TwoStageModel
+from classifiers.two_stage.cv import RUNS, make_config
 from data.datasets import load_dataset
 from data.synthetic import write_dataset
 from features.store import load_store

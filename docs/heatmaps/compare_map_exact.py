@@ -19,8 +19,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 from classifiers.heatmap import FeatureSource, exact_window_features, pooled_window_features, window_grid  # noqa: E402
-from classifiers.model_io import load_model  # noqa: E402
-from classifiers.predict import reproducible_configs  # noqa: E402
+from classifiers.feature.model_io import load_model  # noqa: E402
+from classifiers.feature.predict import reproducible_configs  # noqa: E402
 from data.io import read_image  # noqa: E402
 from features.extract import FeatureExtractor  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Cross-validation of the classifiers on a :class:`~classifiers.dataset.CVDataset`.
+"""Cross-validation of the classifiers on a :class:`~classifiers.evaluation.cv_dataset.CVDataset`.
 
 A *run* is one classifier on one way of using the stores:
 
@@ -27,11 +27,11 @@ import numpy as np
 import pandas as pd
 from sklearn.base import clone
 
-from classifiers.dataset import CVDataset, InputDataError
-from classifiers.folds import assign_folds
-from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES, DeviceChoice, make_classifier, resolve_xgboost_device
-from classifiers.tuning import PARAM_GRIDS, InnerCVClassifier, public_params
-from classifiers.voting import vote
+from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
+from classifiers.evaluation.folds import assign_folds
+from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, DeviceChoice, make_classifier, resolve_xgboost_device
+from classifiers.feature.tuning import PARAM_GRIDS, InnerCVClassifier, public_params
+from classifiers.evaluation.voting import vote
 
 logger = logging.getLogger(__name__)
 
@@ -56,11 +56,11 @@ class CVConfig:
     n_jobs : int, default=2
         XGBoost threads.
     device : {"auto", "cpu", "cuda"}, default="auto"
-        XGBoost device (see :func:`classifiers.models.resolve_xgboost_device`).
+        XGBoost device (see :func:`classifiers.feature.estimators.resolve_xgboost_device`).
     tune : bool, default=False
         Choose each classifier's hyper-parameters by an inner grouped 3-fold CV of the
-        training rows (:data:`classifiers.tuning.PARAM_GRIDS`); the choice of every fold is
-        reported.  Off: the documented defaults of :mod:`classifiers.models`.
+        training rows (:data:`classifiers.feature.tuning.PARAM_GRIDS`); the choice of every fold is
+        reported.  Off: the documented defaults of :mod:`classifiers.feature.estimators`.
     """
 
     scheme: str = "bach4"

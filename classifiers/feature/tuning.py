@@ -20,7 +20,7 @@ from sklearn.utils.validation import check_is_fitted
 
 logger = logging.getLogger(__name__)
 
-#: Candidates per classifier name (``classifiers.models.make_classifier``).  Small on purpose: an
+#: Candidates per classifier name (``classifiers.feature.estimators.make_classifier``).  Small on purpose: an
 #: outer 6-fold CV with 3 inner folds fits ``6 * (3 * candidates + 1)`` models per run.
 #: XGBoost: shallow vs deeper trees, few vs more rounds, narrow vs wide column sampling.
 #: Logistic regression: L2 strength over three decades (features are standardised).

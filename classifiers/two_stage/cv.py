@@ -1,11 +1,11 @@
 """The two-stage CNN in the cross-validated report, and its predictions in the report's format.
 
-:func:`cross_validate` trains both networks of :class:`~classifiers.two_stage.TwoStageModel`
-inside every training fold of the grouped folds of :func:`classifiers.folds.assign_folds` -
+:func:`cross_validate` trains both networks of :class:`~classifiers.two_stage.model.TwoStageModel`
+inside every training fold of the grouped folds of :func:`classifiers.evaluation.folds.assign_folds` -
 the folds the deep-feature classifiers use for the same images, labels, groups and seed - and
-returns a :class:`~classifiers.experiment.CVResult` that :func:`classifiers.report.write_report`
+returns a :class:`~classifiers.evaluation.cross_validation.CVResult` that :func:`classifiers.evaluation.report.write_report`
 turns into the usual report.  Given feature stores too, the deep-feature classifiers run first
-(:func:`~classifiers.experiment.run_cross_validation`) and the two-stage runs reuse their fold
+(:func:`~classifiers.evaluation.cross_validation.run_cross_validation`) and the two-stage runs reuse their fold
 assignment, after a check that the stores and the image data hold the same images, labels and
 groups.
 
@@ -25,7 +25,7 @@ predictions equal).  Their ``row_accuracy`` is the image accuracy; the ensemble'
 accuracy of single views.
 
 Resuming: everything of fold ``k`` lives in ``OUT_DIR/fold-k/``: ``checkpoints/`` (every
-finished epoch, see :mod:`classifiers.two_stage_training`; deleted once the fold's model is
+finished epoch, see :mod:`classifiers.two_stage.training`; deleted once the fold's model is
 saved, unless ``keep_checkpoints``), ``model/`` (the fold's model, :meth:`TwoStageModel.save`),
 ``fold.json`` (what the fold was trained on: config, stain reference, training and test
 images; timings and training summary) and ``scores.npz`` (the test images' scores of every
@@ -45,11 +45,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classifiers.dataset import CVDataset, InputDataError, _listing, build_dataset, map_to_scheme
-from classifiers.experiment import CVConfig, CVResult, RunResult, RunSpec, run_cross_validation
-from classifiers.folds import assign_folds
-from classifiers.patches import N_DIHEDRAL, grid_shape, orient_grid, stack_maps
-from classifiers.two_stage import (
+from classifiers.evaluation.cv_dataset import CVDataset, InputDataError, _listing, build_dataset, map_to_scheme
+from classifiers.evaluation.cross_validation import CVConfig, CVResult, RunResult, RunSpec, run_cross_validation
+from classifiers.evaluation.folds import assign_folds
+from classifiers.two_stage.grid import N_DIHEDRAL, grid_shape, orient_grid, stack_maps
+from classifiers.two_stage.model import (
     _RUNTIME_FIELDS,
     TwoStageConfig,
     TwoStageInputError,
@@ -57,8 +57,8 @@ from classifiers.two_stage import (
     _infer,
     fuse_patch_probabilities,
 )
-from classifiers.two_stage_training import CheckpointMismatchError, atomic_write_text
-from classifiers.voting import vote
+from classifiers.two_stage.training import CheckpointMismatchError, atomic_write_text
+from classifiers.evaluation.voting import vote
 
 log = logging.getLogger(__name__)
 
@@ -536,7 +536,7 @@ def cross_validate(data: pd.DataFrame, config: TwoStageConfig, cv: CVConfig, out
         In the scheme ``cv.scheme`` (see :func:`make_config`).
     cv : CVConfig
         Scheme, folds, seed; with `tables`, also the classifiers (``xgboost``, ``logreg``) and
-        fusions of :func:`classifiers.experiment.run_cross_validation`.
+        fusions of :func:`classifiers.evaluation.cross_validation.run_cross_validation`.
     out_dir : path
         Where the per-fold two-stage directories go (``REPORT_DIR/two_stage_folds`` in the CLI).
     tables : sequence of features.store.FeatureTable, optional
@@ -608,7 +608,7 @@ def _load(model: TwoStageModel, path: str) -> tuple[np.ndarray, str]:
 
 
 def predict_two_stage_images(model: TwoStageModel, paths, *, ensemble: bool | None = None):
-    """Classify images with the two networks, as :func:`classifiers.predict.predict_images` does.
+    """Classify images with the two networks, as :func:`classifiers.feature.predict.predict_images` does.
 
     The views (8 rotations/flips with ``ensemble``, default ``model.cfg.ensemble``; else the
     image itself) take the place of the colour augmentations: ``prediction`` is their majority
@@ -617,11 +617,11 @@ def predict_two_stage_images(model: TwoStageModel, paths, *, ensemble: bool | No
 
     Returns
     -------
-    classifiers.predict.PredictionResult
+    classifiers.feature.predict.PredictionResult
         Same table columns as for a deep-feature model; unreadable images, images smaller than
         a patch or of another grid are in ``skipped`` with their reason.
     """
-    from classifiers.predict import PredictionResult, _empty_table
+    from classifiers.feature.predict import PredictionResult, _empty_table
     from data.io import ImageReadError
     from features.extract import describe_device
 

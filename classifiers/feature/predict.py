@@ -5,7 +5,7 @@ For every store the model was trained on, the store's extraction config is rebui
 config hash, weights file with the same sha256) *before* any image is read.  Then each image
 gets all the colour augmentations and crops of that config, every augmentation is classified,
 and the image is decided by the same voting as in cross-validation
-(:func:`classifiers.voting.vote`: majority of the augmentations, ties by mean probability).
+(:func:`classifiers.evaluation.voting.vote`: majority of the augmentations, ties by mean probability).
 
 Images are identified by their path *as given*: the random crops of an augmentation are seeded
 by this id (see ``features.augment``), so the same spelling of a path reproduces the same
@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classifiers.model_io import TrainedModel
-from classifiers.voting import vote
+from classifiers.feature.model_io import TrainedModel
+from classifiers.evaluation.voting import vote
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ def predict_images(
     Parameters
     ----------
     model : TrainedModel
-        From :func:`classifiers.model_io.load_model`.
+        From :func:`classifiers.feature.model_io.load_model`.
     paths : sequence of str
         Image files; each path as given is the image's id (see the module docstring).
     weights : dict, optional

@@ -12,11 +12,11 @@ Rotations of non-square images
 ------------------------------
 A quarter turn of a 2048 x 1536 image gives a 1536 x 2048 image whose 4 x 3 patch grid does
 not fit the image-wise network, trained on 3 x 4 grids.  Each of the 8 transforms ``g`` is
-therefore applied to the patch grid as to the image it tiles (:func:`~classifiers.patches.
+therefore applied to the patch grid as to the image it tiles (:func:`~classifiers.two_stage.grid.
 dihedral_grid`: patch positions and pixels), the patch-wise network maps the transformed
 patches, and when the resulting grid of maps is 4 x 3 it is transposed back to 3 x 4 -
 positions *and* map pixels, i.e. the image transpose, so neighbours stay neighbours
-(:func:`~classifiers.patches.orient_grid`).  The image-wise network thus always sees its
+(:func:`~classifiers.two_stage.grid.orient_grid`).  The image-wise network thus always sees its
 trained layout; the 8 members of the ensemble are the 4 layout-preserving transforms
 (identity, the two mirrors, the half turn) of the image, each with the maps computed on the
 patches as they are (``g`` itself) or on the transposed patches (``g`` followed by a
@@ -61,7 +61,7 @@ Training (:meth:`TwoStageModel.fit`)
    a better validation accuracy and keeping the best epoch's weights.
 5. With ``checkpoint_dir`` every finished epoch is checkpointed atomically and an
    interrupted ``fit`` resumes from the last finished epoch with the same batches it would
-   have seen (:mod:`classifiers.two_stage_training`); dropout masks after a resume in the
+   have seen (:mod:`classifiers.two_stage.training`); dropout masks after a resume in the
    image-wise stage are not guaranteed to equal an uninterrupted run's.
 """
 
@@ -79,8 +79,8 @@ import pandas as pd
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_is_fitted
 
-from classifiers import two_stage_training as training
-from classifiers.patches import (
+from classifiers.two_stage import training
+from classifiers.two_stage.grid import (
     dihedral_grid,
     extract_patches,
     grid_shape,
@@ -150,7 +150,7 @@ class TwoStageConfig:
         Adam's rate, multiplied by `lr_decay` every `lr_decay_every` epochs.
     patch_copies : int
         Augmented copies of each patch per epoch (16: its 8 rotations/flips, plain and
-        colour-perturbed; see :func:`~classifiers.two_stage_training.augmentation_plan`).
+        colour-perturbed; see :func:`~classifiers.two_stage.training.augmentation_plan`).
     image_copies : int
         Augmented copies of each training image for the image-wise network, with the same
         rule (8: the 8 rotations/flips, no colour change).
@@ -528,9 +528,9 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
             Labels, in any spelling mappable to ``config.scheme``.
         checkpoint_dir : str or os.PathLike, optional
             Checkpoint every finished epoch here; a rerun with the same config and images
-            resumes from the last finished epoch (see :mod:`classifiers.two_stage_training`).
+            resumes from the last finished epoch (see :mod:`classifiers.two_stage.training`).
         on_epoch_end : callable, optional
-            Called with a :class:`~classifiers.two_stage_training.EpochLog` after each epoch.
+            Called with a :class:`~classifiers.two_stage.training.EpochLog` after each epoch.
         progress : bool
             Progress bars over batches (epoch lines are logged at INFO level either way).
 

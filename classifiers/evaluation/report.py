@@ -34,8 +34,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from classifiers.experiment import CVResult
-from classifiers.metrics import METRIC_CONVENTIONS, roc_per_class, run_metrics
+from classifiers.evaluation.cross_validation import CVResult
+from classifiers.evaluation.metrics import METRIC_CONVENTIONS, roc_per_class, run_metrics
 
 
 def summarize(result: CVResult) -> dict:
@@ -246,7 +246,7 @@ def _html(summary: dict, pictures: dict) -> str:
         parts += [
             "<h2>Hyper-parameters chosen by inner CV</h2>",
             "<p class='note'>Per outer fold, a grouped 3-fold CV of the training rows only chose "
-            "among the candidates of classifiers.tuning.PARAM_GRIDS (row accuracy).</p>",
+            "among the candidates of classifiers.feature.tuning.PARAM_GRIDS (row accuracy).</p>",
             _html_table(tuning),
         ]
     if "two_stage" in summary:

@@ -1,6 +1,6 @@
 """Training machinery of the two-stage CNN: data streams, epochs, checkpoints and resume.
 
-Kept apart from the networks (:mod:`classifiers.two_stage`) because it is mostly bookkeeping:
+Kept apart from the networks (:mod:`classifiers.two_stage.model`) because it is mostly bookkeeping:
 
 * :func:`patch_batches` streams augmented patches without holding them in memory (a BACH
   epoch at paper settings is 16 x 35 x 320 patches of 512 x 512, about 560 GB as float32);
@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classifiers.patches import N_DIHEDRAL, dihedral, grid_shape, patch_positions
+from classifiers.two_stage.grid import N_DIHEDRAL, dihedral, grid_shape, patch_positions
 
 log = logging.getLogger(__name__)
 

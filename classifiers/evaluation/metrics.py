@@ -199,7 +199,7 @@ def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: f
     Parameters
     ----------
     predictions : pandas.DataFrame
-        Per-image table from :func:`classifiers.experiment.image_predictions`.
+        Per-image table from :func:`classifiers.evaluation.cross_validation.image_predictions`.
     classes : sequence of str
         Classes in scheme order.
     scheme : str

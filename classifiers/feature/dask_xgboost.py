@@ -1,8 +1,8 @@
 """XGBoost trained on a ``dask.distributed`` cluster with ``xgboost.dask``.
 
-The result is an ordinary fitted :class:`~classifiers.models.XGBoostFeatureClassifier` (same
+The result is an ordinary fitted :class:`~classifiers.feature.estimators.XGBoostFeatureClassifier` (same
 parameters and defaults, booster loaded from the cluster's), so saving, loading and
-prediction (:mod:`classifiers.model_io`, :mod:`classifiers.predict`) do not know or care
+prediction (:mod:`classifiers.feature.model_io`, :mod:`classifiers.feature.predict`) do not know or care
 where it was trained.
 
 The feature rows are cut into one partition per worker (by default) and each partition
@@ -20,8 +20,8 @@ import logging
 import numpy as np
 from sklearn.base import clone
 
-from classifiers.experiment import CVConfig, FittedModel, RunSpec
-from classifiers.models import (
+from classifiers.evaluation.cross_validation import CVConfig, FittedModel, RunSpec
+from classifiers.feature.estimators import (
     DEVICE_CHOICES,
     DeviceChoice,
     DeviceUnavailableError,
@@ -46,7 +46,7 @@ def resolve_dask_device(client, requested: str = "auto") -> DeviceChoice:
     ----------
     client : distributed.Client
     requested : {"auto", "cpu", "cuda"}
-        As in :func:`classifiers.models.resolve_xgboost_device`, but probed on the workers
+        As in :func:`classifiers.feature.estimators.resolve_xgboost_device`, but probed on the workers
         (the client's own hardware does not matter).
 
     Raises
@@ -163,7 +163,7 @@ def fit_xgboost_on_dask(
 
 def fit_run_model_on_dask(dataset, spec: RunSpec, config: CVConfig, client,
                           *, n_partitions: int | None = None) -> FittedModel:
-    """:func:`classifiers.experiment.fit_run_model` on all rows, trained on a dask cluster.
+    """:func:`classifiers.evaluation.cross_validation.fit_run_model` on all rows, trained on a dask cluster.
 
     Same classifier parameters (from ``config``) and feature blocks (one per fusion block).
 

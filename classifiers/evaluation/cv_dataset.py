@@ -4,7 +4,7 @@ Every check that can fail on the input is done here, before any training:
 store shapes, duplicate rows, one label and one group per image, stores
 covering the same (image, augmentation) rows, the label scheme mapping, and at
 least two classes.  Fold feasibility (enough groups per class) is checked in
-:mod:`classifiers.folds`.
+:mod:`classifiers.evaluation.folds`.
 """
 
 from __future__ import annotations

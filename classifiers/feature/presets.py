@@ -34,7 +34,7 @@ class Preset:
     fusion : {"concat", "mean-proba"}
         How the stores are combined.
     tune : bool
-        Inner-CV hyper-parameter choice (``classifiers.tuning``).
+        Inner-CV hyper-parameter choice (``classifiers.feature.tuning``).
     """
 
     name: str

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from classifiers.experiment import CVConfig, CVResult, run_cross_validation
+from classifiers.evaluation.cross_validation import CVConfig, CVResult, run_cross_validation
 from data.labels import map_labels
 
 logger = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ COARSER = {"bach4": ("bmc3", "binary"), "bmc3": ("binary",), "binary": ()}
 
 
 def run_repeated_cv(dataset, config: CVConfig, seeds) -> list:
-    """:func:`~classifiers.experiment.run_cross_validation` once per fold seed.
+    """:func:`~classifiers.evaluation.cross_validation.run_cross_validation` once per fold seed.
 
     Parameters
     ----------
@@ -126,7 +126,7 @@ def write_repeated_report(dataset, config: CVConfig, seeds, out_dir) -> dict:
     dict
         ``{"table": DataFrame, "markdown": str, "files": list of paths}``.
     """
-    from classifiers.report import write_report
+    from classifiers.evaluation.report import write_report
 
     out = Path(out_dir)
     results = run_repeated_cv(dataset, config, seeds)

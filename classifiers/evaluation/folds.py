@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
-from classifiers.dataset import InputDataError
+from classifiers.evaluation.cv_dataset import InputDataError
 
 
 def check_fold_feasibility(image_labels, image_groups, n_folds: int) -> None:

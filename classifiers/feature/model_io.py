@@ -15,7 +15,7 @@ Layout::
                                  (read with ``allow_pickle=False``)
 
 There is one estimator per feature block: one for a single store or ``concat`` fusion, one
-per store for ``mean-proba`` fusion (as in :mod:`classifiers.experiment`).  The directory is
+per store for ``mean-proba`` fusion (as in :mod:`classifiers.evaluation.cross_validation`).  The directory is
 written to a temporary sibling and renamed, so an interrupted ``train`` leaves no half model.
 """
 
@@ -36,9 +36,9 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from classifiers.dataset import CVDataset, InputDataError
-from classifiers.experiment import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, fit_run_model
-from classifiers.models import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
+from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
+from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, fit_run_model
+from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
 
 #: Version of the model-directory layout; a directory of another version is refused.
 MODEL_FORMAT_VERSION = 1
@@ -77,7 +77,7 @@ class TrainConfig:
         XGBoost training device; prediction always runs on the CPU.
     tune : bool, default=False
         Choose the hyper-parameters by an inner grouped CV of all training images
-        (:mod:`classifiers.tuning`), as ``pipeline.cv_report --tune`` does in each fold; the
+        (:mod:`classifiers.feature.tuning`), as ``pipeline.cv_report --tune`` does in each fold; the
         choice is recorded in the model's ``training`` entry.
     """
 
@@ -178,11 +178,11 @@ def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> Trai
     Parameters
     ----------
     dataset : CVDataset
-        From :func:`classifiers.dataset.build_dataset` in ``config.scheme``.
+        From :func:`classifiers.evaluation.cv_dataset.build_dataset` in ``config.scheme``.
     config : TrainConfig
     client : distributed.Client, optional
         Train XGBoost with ``xgboost.dask`` on this cluster
-        (:mod:`classifiers.dask_xgboost`); the saved model is the same kind of file.
+        (:mod:`classifiers.feature.dask_xgboost`); the saved model is the same kind of file.
 
     Returns
     -------
@@ -204,7 +204,7 @@ def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> Trai
     if client is None:
         fitted = fit_run_model(dataset, spec, config.cv_config(), rows=None)
     else:
-        from classifiers.dask_xgboost import fit_run_model_on_dask
+        from classifiers.feature.dask_xgboost import fit_run_model_on_dask
 
         fitted = fit_run_model_on_dask(dataset, spec, config.cv_config(), client)
         training["dask_workers"] = len(client.nthreads())
@@ -278,7 +278,7 @@ def save_logreg(pipeline: Pipeline, path: Path) -> None:
     """Write a fitted ``StandardScaler -> LogisticRegression`` pipeline as plain arrays."""
     scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
     if not isinstance(scaler, StandardScaler) or not isinstance(logreg, LogisticRegression):
-        raise TypeError("expected a StandardScaler -> LogisticRegression pipeline (classifiers.models.make_logreg)")
+        raise TypeError("expected a StandardScaler -> LogisticRegression pipeline (classifiers.feature.estimators.make_logreg)")
     # Fitted dtypes are kept (coef_ is float32 when fitted on float32 features): the same
     # arrays give bit-identical probabilities.
     arrays = {

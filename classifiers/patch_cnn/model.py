@@ -26,7 +26,7 @@ layer, which is 256 x 64 + 64, but its input is the 2304 flattened values, which
 Training: Adam (learning rate 1e-3), binary cross-entropy, 30 epochs, batch 16; the images
 are split 70 / 15 / 15 % into training, validation and test *by image* (all patches of an
 image fall in one split), with a seeded generator.  Patches come from point annotations
-(:mod:`classifiers.annotations`).
+(:mod:`classifiers.patch_cnn.annotations`).
 
 A model directory holds ``patch_cnn.keras`` (the network, no optimizer state, loaded with
 Keras ``safe_mode``) and ``patch_cnn.json`` (config, classes, split, history, metrics).
@@ -41,7 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
-from classifiers.annotations import (
+from classifiers.patch_cnn.annotations import (
     AnnotationError,
     NoAnnotationsError,
     PatchSampling,

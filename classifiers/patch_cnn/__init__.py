@@ -1,0 +1,1 @@
+"""The patch ConvNet: a tumour / non-tumour classifier of small patches from point annotations."""
