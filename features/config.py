@@ -5,6 +5,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields
 
+from data.files import package_version as installed_version
 from features.pooling import POOLINGS
 
 MODES = ("exact", "shared", "whole")
@@ -63,7 +64,7 @@ class ExtractionConfig:
     color_gain: float = 0.1
     color_shift: float = 20.0
     feature_format: int = FEATURE_FORMAT_VERSION
-    package_version: str = field(default_factory=lambda: _package_version())
+    package_version: str = field(default_factory=installed_version)
 
     def __post_init__(self):
         checks = [
@@ -122,11 +123,3 @@ class ExtractionConfig:
         """Directory name of this config inside a store root."""
         return f"{self.backbone}-{self.config_hash[:12]}"
 
-
-def _package_version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("breast-histology-pipeline")
-    except Exception:  # running from a source tree that is not installed
-        return "0+unknown"

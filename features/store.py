@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +21,7 @@ import joblib
 import numpy as np
 import pandas as pd
 
+from data.files import atomic_write, atomic_write_text, remove_temporaries
 from features.config import ExtractionConfig
 
 META_COLUMNS = ("image_id", "label", "group", "aug", "path", "stain_note")
@@ -46,18 +45,6 @@ class FeatureTable:
     meta: pd.DataFrame
     X: np.ndarray
     config: dict
-
-
-def _atomic_write_bytes(path: Path, writer) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _record_name(image_id: str) -> str:
@@ -84,11 +71,8 @@ class FeatureStore:
             existing = json.loads(config_file.read_text())
             if existing.get("config_hash") != self.config.config_hash:
                 raise StoreError(f"{config_file} belongs to another config; refusing to mix")
-        _atomic_write_bytes(
-            config_file, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2))
-        )
-        for stale in self.images_dir.glob(".tmp-*"):  # left by a killed run
-            stale.unlink()
+        atomic_write_text(config_file, json.dumps(record, indent=2))
+        remove_temporaries(self.images_dir)  # left by a killed run
         return self
 
     def record_path(self, image_id: str) -> Path:
@@ -115,11 +99,11 @@ class FeatureStore:
     def write(self, record: dict) -> None:
         """Atomically write one image's record (see :func:`make_record`)."""
         target = self.record_path(record["image_id"])
-        _atomic_write_bytes(target, lambda tmp: joblib.dump(record, tmp))
+        atomic_write(target, lambda tmp: joblib.dump(record, tmp))
 
     def write_skipped(self, skipped: list[dict]) -> None:
         target = self.path / "skipped.json"
-        _atomic_write_bytes(target, lambda tmp: Path(tmp).write_text(json.dumps(skipped, indent=2)))
+        atomic_write_text(target, json.dumps(skipped, indent=2))
 
 
 def make_record(*, image_id, label, group, path, source_sha256, features, stain_note) -> dict:

@@ -21,13 +21,9 @@ written to a temporary sibling and renamed, so an interrupted ``train`` leaves n
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import re
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
+from data.files import atomic_directory, file_sha256, package_version
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, fit_run_model
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
@@ -149,16 +146,6 @@ class TrainedModel:
     @property
     def classes(self) -> tuple:
         return tuple(self.fitted.classes)
-
-
-def package_version() -> str:
-    """Installed version of this package (``0+unknown`` from an uninstalled source tree)."""
-    try:
-        from importlib.metadata import version
-
-        return version("breast-histology-pipeline")
-    except Exception:
-        return "0+unknown"
 
 
 def _json_params(params: dict) -> dict:
@@ -321,10 +308,6 @@ def load_logreg(path: Path, params: dict) -> Pipeline:
 # ---------------------------------------------------------------------------------------
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def model_record(model: TrainedModel, estimator_files: list) -> dict:
     """The ``model.json`` content (see the module docstring)."""
     fitted = model.fitted
@@ -375,11 +358,7 @@ def save_model(model: TrainedModel, out_dir: Path | str, *, overwrite: bool = Fa
             raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
         if not (out / MODEL_FILE).is_file():
             raise FileExistsError(f"{out} exists and is not a model directory; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # mkdir (not mkdtemp, which makes it private 0700): the directory is meant to be shared.
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with atomic_directory(out) as tmp:
         files = []
         for k, est in enumerate(model.fitted.estimators):
             if model.classifier == "xgboost":
@@ -388,15 +367,9 @@ def save_model(model: TrainedModel, out_dir: Path | str, *, overwrite: bool = Fa
             else:
                 path = tmp / f"estimator-{k}.npz"
                 save_logreg(est, path)
-            files.append((path.name, _sha256(path)))
+            files.append((path.name, file_sha256(path)))
         record = model_record(model, files)
         (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, allow_nan=False))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -472,7 +445,7 @@ def _load_checked(model_dir: Path, record: dict) -> TrainedModel:
         path = model_dir / name
         if not path.is_file():
             raise ModelFormatError(f"{path} is missing; copy the whole model directory")
-        if _sha256(path) != entry.get("sha256"):
+        if file_sha256(path) != entry.get("sha256"):
             raise ModelFormatError(f"{path} does not match the sha256 in {MODEL_FILE}: the directory was modified "
                                    "or copied incompletely; copy it again")
         if classifier == "xgboost":

@@ -34,13 +34,12 @@ Keras ``safe_mode``) and ``patch_cnn.json`` (config, classes, split, history, me
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
+from data.files import atomic_write, atomic_write_text
 from classifiers.patch_cnn.annotations import (
     AnnotationError,
     NoAnnotationsError,
@@ -317,15 +316,11 @@ class PatchCNN:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         bare = keras.Model(self.network.input, self.network.output, name=self.network.name)  # no optimizer
-        tmp = directory / f".{uuid.uuid4().hex[:8]}.tmp.keras"
-        bare.save(tmp)
-        os.replace(tmp, directory / NETWORK_FILE)
+        atomic_write(directory / NETWORK_FILE, bare.save)
         record = {"kind": MODEL_KIND, "format_version": MODEL_FORMAT_VERSION, "keras_version": keras.__version__,
                   "classes": list(CLASSES), "patch_size": PATCH_SIZE, "n_parameters": int(bare.count_params()),
                   "config": asdict(self.config), **{k: v for k, v in self.record.items() if k != "config"}}
-        tmp = directory / f".{uuid.uuid4().hex[:8]}.tmp.json"
-        tmp.write_text(json.dumps(record, indent=2))
-        os.replace(tmp, directory / RECORD_FILE)
+        atomic_write_text(directory / RECORD_FILE, json.dumps(record, indent=2))
         return directory
 
     @classmethod

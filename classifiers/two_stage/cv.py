@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -57,7 +56,8 @@ from classifiers.two_stage.model import (
     _infer,
     fuse_patch_probabilities,
 )
-from classifiers.two_stage.training import CheckpointMismatchError, atomic_write_text
+from classifiers.two_stage.training import CheckpointMismatchError
+from data.files import atomic_write, atomic_write_text
 from classifiers.evaluation.voting import vote
 
 log = logging.getLogger(__name__)
@@ -349,9 +349,8 @@ def _read_fold(fold_dir: Path, fingerprint: dict) -> dict | None:
 
 
 def _save_scores(path: Path, ids, scores: dict, classes) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.npz")
-    np.savez(tmp, image_id=np.asarray(ids, dtype=str), classes=np.asarray(classes, dtype=str), **scores)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: np.savez(tmp, image_id=np.asarray(ids, dtype=str),
+                                            classes=np.asarray(classes, dtype=str), **scores))
 
 
 def _load_scores(path: Path) -> tuple[list, dict, list]:

@@ -87,6 +87,7 @@ from classifiers.two_stage.grid import (
     orient_grid,
     stack_maps,
 )
+from data.files import atomic_write, atomic_write_text
 from data.io import ImageReadError, read_image
 from data.labels import SCHEMES, class_names, encode
 
@@ -788,11 +789,11 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         for net, filename in ((self.patch_net_, "patch_net.keras"), (self.image_net_, "image_net.keras")):
             # Same layers in an uncompiled model: saved without the optimizer state.
             bare = keras.Model(net.input, net.output, name=net.name)
-            training.atomic_save_model(bare, directory / filename)
+            atomic_write(directory / filename, bare.save)
         record = {"format": MODEL_FORMAT, "model": "two_stage", "keras_version": keras.__version__,
                   "config": self.cfg.to_dict(), "classes": self.classes_.tolist(),
                   "grid": list(self.grid_), "history": self.history_}
-        training.atomic_write_text(directory / "config.json", json.dumps(record, indent=2))
+        atomic_write_text(directory / "config.json", json.dumps(record, indent=2))
         return directory
 
     @classmethod

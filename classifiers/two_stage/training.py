@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -30,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data.files import atomic_write, atomic_write_text, remove_temporaries
 from classifiers.two_stage.grid import N_DIHEDRAL, dihedral, grid_shape, patch_positions
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,6 @@ __all__ = [
     "EpochLog",
     "ImageCache",
     "StageSpec",
-    "atomic_save_model",
-    "atomic_write_text",
     "augmentation_plan",
     "color_jitter",
     "count_patch_batches",
@@ -257,20 +255,6 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint directory belongs to a run with another config or other training images."""
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def atomic_save_model(model, path: Path) -> None:
-    """``model.save`` to a temporary ``.keras`` file beside `path`, then rename it."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
 def fingerprint_digest(fingerprint: dict) -> str:
     """Stable hash of a JSON-serialisable description of a run."""
     return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode("utf-8")).hexdigest()[:16]
@@ -298,8 +282,7 @@ class CheckpointStore:
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
         self.digest = fingerprint_digest(fingerprint)
-        for leftover in self.directory.glob(".*.tmp-*"):  # from a run killed while writing
-            leftover.unlink(missing_ok=True)
+        remove_temporaries(self.directory)  # from a run killed while writing
         path = self.directory / _STATE_FILE
         if path.exists():
             self.state = json.loads(path.read_text(encoding="utf-8"))
@@ -326,10 +309,10 @@ class CheckpointStore:
         """Record a finished epoch: model file(s) first, then ``state.json``, then clean up."""
         epoch = stage_state["epochs_done"]
         stage_state = dict(stage_state, checkpoint=f"{name}_net.e{epoch:04d}.keras")
-        atomic_save_model(model, self.directory / stage_state["checkpoint"])
+        atomic_write(self.directory / stage_state["checkpoint"], model.save)
         if best_model is not None:
             stage_state["best_checkpoint"] = f"{name}_net.best.e{epoch:04d}.keras"
-            atomic_save_model(best_model, self.directory / stage_state["best_checkpoint"])
+            atomic_write(self.directory / stage_state["best_checkpoint"], best_model.save)
         elif "best_checkpoint" in self.state["stages"].get(name, {}):
             stage_state["best_checkpoint"] = self.state["stages"][name]["best_checkpoint"]
         self.state["stages"][name] = stage_state
@@ -341,9 +324,7 @@ class CheckpointStore:
 
     def save_arrays(self, name: str, **arrays: np.ndarray) -> None:
         """Atomically store arrays as ``<name>.npz``."""
-        tmp = self.directory / f".{name}.tmp-{os.getpid()}.npz"
-        np.savez(tmp, **arrays)
-        os.replace(tmp, self.directory / f"{name}.npz")
+        atomic_write(self.directory / f"{name}.npz", lambda tmp: np.savez(tmp, **arrays))
 
     def load_arrays(self, name: str) -> dict | None:
         """Arrays stored by :meth:`save_arrays`, or None."""

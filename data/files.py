@@ -1,0 +1,93 @@
+"""File utilities every layer shares: atomic writes, file hashes, the package version.
+
+Written once here, at the bottom of the dependency order (data <- features <- classifiers <-
+pipeline), so stores, model directories and checkpoints write and identify files alike.
+
+    >>> atomic_write("model.json", lambda tmp: Path(tmp).write_text("{}"))  # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+#: Temporary files and directories start with this, so a killed run's leftovers are found.
+TEMP_PREFIX = ".tmp-"
+
+
+def _temporary_name(path: Path) -> Path:
+    # Same directory (os.replace is atomic only within a filesystem) and same suffix (Keras
+    # and NumPy choose the format from it).
+    return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
+
+
+def atomic_write(path: Path | str, writer: Callable[[Path], object]) -> Path:
+    """Call ``writer(tmp)`` on a temporary file beside `path`, then rename it to `path`.
+
+    A reader sees the old file or the complete new one, never a partial one; on any error the
+    temporary file is removed and `path` is untouched.
+    """
+    path = Path(path)
+    tmp = _temporary_name(path)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: Path | str, text: str) -> Path:
+    """Write UTF-8 `text` to `path` atomically."""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+@contextmanager
+def atomic_directory(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it replaces `path` (an existing
+    `path` is removed first), on error it is deleted."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_name(path)
+    tmp.mkdir()  # mkdir, not mkdtemp (0700): model directories are meant to be shared
+    try:
+        yield tmp
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def remove_temporaries(directory: Path | str) -> None:
+    """Delete the temporary files a killed run left in `directory`."""
+    for stale in Path(directory).glob(f"{TEMP_PREFIX}*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
+
+
+def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file, streamed (weights files are 10-100 MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def package_version(distribution: str = "breast-histology-pipeline") -> str:
+    """Installed version of `distribution` (``0+unknown`` from an uninstalled source tree)."""
+    try:
+        from importlib.metadata import version
+
+        return version(distribution)
+    except Exception:
+        return "0+unknown"
