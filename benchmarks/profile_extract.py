@@ -3,7 +3,7 @@
 Runs the library's own functions one stage at a time, serially, on ``--images`` images spread
 over ``--data`` and prints seconds and % of the per-image total for each stage:
 
-decode (``data.io.read_image``), resize (``features.extract.scale_image``), Macenko transform
+decode (``data.io.read_image``), resize (``features.transforms.scale_image``), Macenko transform
 (``features.extract.Preprocessing``), colour augmentation + cropping (``features.augment``),
 backbone forward (``features.extract.FeatureExtractor``), crop-window pooling (shared mode,
 ``features.feature_maps.pool_windows``), augmentation pooling (``features.pooling``), source
@@ -66,9 +66,10 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
 
     from data.io import read_image
     from features.augment import augmented_crops, draw_augmentation, effective_crop_size
-    from features.backbones import file_sha256
-    from features.extract import (FeatureExtractor, ImageBatcher, Preprocessing,
-                                  fit_stain_reference, scale_image, write_image_record)
+    from data.files import file_sha256
+    from features.extract import FeatureExtractor, ImageBatcher, Preprocessing, write_image_record
+    from features.stain import fit_stain_reference
+    from features.transforms import scale_image
     from features.feature_maps import pool_windows
     from features.pooling import pool_features
     from features.store import FeatureStore

@@ -24,10 +24,11 @@ from classifiers.evaluation.report import summarize
 from data.datasets import load_dataset
 from data.io import read_image
 from features.augment import ColorAugmentation, draw_augmentation
-from features.extract import FeatureExtractor, extract_to_store, make_config, scale_image
+from features.extract import FeatureExtractor, extract_to_store, make_config
 from features.feature_maps import pool_windows
 from features.stain import MacenkoNormalizer
 from features.store import load_store
+from features.transforms import scale_image
 
 
 def crop_level(config, dataset, n_images: int, batch_size: int) -> dict:

@@ -19,6 +19,8 @@ Modules: :mod:`~classifiers.feature.estimators` (estimators, XGBoost device choi
 :mod:`~classifiers.evaluation.metrics` and :mod:`~classifiers.evaluation.report`.
 """
 
+# Registers the two_stage backbone with features.backbones (the classifier owns its files).
+from classifiers.two_stage import backbone as _two_stage_backbone  # noqa: F401
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError, build_dataset
 from classifiers.evaluation.cross_validation import (
     FUSION_CHOICES,

@@ -266,7 +266,7 @@ class FeatureSource:
 
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, str | None]:
         """Resize and normalise as extraction does (augmentation 0 is the identity)."""
-        from features.extract import scale_image
+        from features.transforms import scale_image
         from features.stain import MacenkoNormalizer
 
         image = scale_image(np.asarray(image), self.scale)

@@ -8,20 +8,20 @@ heatmaps).  ``weights_file`` is ``None`` for random initialisation (tests)
 or a resolved file; :func:`resolve_weights` turns the user's ``--weights`` choice into one and
 fails before any work, with instructions, when a file is missing (there is no network here).
 
-``two_stage`` is a different kind of entry: its "weights" are a trained two-stage model
-directory (``python -m pipeline.two_stage train``, or a fold model of ``pipeline.cv_report``),
-whose patch-wise network is rebuilt fully convolutionally up to its maps (see
-:func:`build_two_stage_features`); :func:`weights_sha256` hashes its ``patch_net.keras``.
+A backbone whose weights are a model trained by this package (the two-stage CNN's patch-wise
+network) is registered by the classifier that owns its files, with :func:`register_backbone`
+(``classifiers.two_stage.backbone``), so this module knows no classifier's file format.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from data.files import file_sha256
 
 
 class WeightsNotFoundError(FileNotFoundError):
@@ -46,7 +46,12 @@ class BackboneSpec:
     weights_source : human-readable origin of the ImageNet weights.
     min_input : smallest input side the network accepts.
     stride : input pixels per feature-map cell.
-    weights_kind : ``"file"`` (a weights file) or ``"two_stage_model"`` (a model directory).
+    weights_file_of : for weights that are a trained model directory rather than a file:
+        ``weights_file_of(directory) -> Path`` checks the directory (raising
+        :class:`WeightsNotFoundError`) and returns the file whose sha256 identifies the weights.
+    extraction_defaults : with ``weights_file_of``: ``extraction_defaults(directory) -> dict``
+        of the extraction options the trained model implies (``scale``, ``crop_size``,
+        ``stain``: its Macenko state or None).
     """
 
     name: str
@@ -57,7 +62,13 @@ class BackboneSpec:
     weights_source: str
     min_input: int = 32
     stride: int = 32
-    weights_kind: str = "file"
+    weights_file_of: Callable[[Path], Path] | None = None
+    extraction_defaults: Callable[[Path], dict] | None = None
+
+    @property
+    def trained(self) -> bool:
+        """Whether the weights are a model trained by this package (not an ImageNet file)."""
+        return self.weights_file_of is not None
 
 
 def keras_cache_dir() -> Path:
@@ -200,85 +211,10 @@ def _lite_multilevel_spec(variant: str, feature_dim: int) -> BackboneSpec:
     )
 
 
-#: Files of a two-stage model directory (classifiers.two_stage.model.TwoStageModel.save).
-TWO_STAGE_PATCH_NET = "patch_net.keras"
-TWO_STAGE_CONFIG = "config.json"
-
-
-def read_two_stage_record(directory: Path | str) -> dict:
-    """``config.json`` of a two-stage model directory, checked (no Keras import).
-
-    Raises :class:`WeightsNotFoundError` when `directory` is not a two-stage model.
-    """
-    import json
-
-    directory = Path(directory).expanduser()
-    config, net = directory / TWO_STAGE_CONFIG, directory / TWO_STAGE_PATCH_NET
-    if not (config.is_file() and net.is_file()):
-        raise WeightsNotFoundError(
-            f"'{directory}' is not a two-stage model directory (it needs {TWO_STAGE_CONFIG} and "
-            f"{TWO_STAGE_PATCH_NET}); train one with python -m pipeline.two_stage train --out DIR"
-        )
-    record = json.loads(config.read_text(encoding="utf-8"))
-    if not isinstance(record, dict) or record.get("model") != "two_stage":
-        raise WeightsNotFoundError(f"'{config}' is not the config of a two-stage model")
-    return record
-
-
-def _two_stage_missing() -> Path:
-    raise WeightsNotFoundError(
-        "the two_stage backbone has no default weights: give a trained two-stage model directory "
-        "with --two-stage-model DIR (made by python -m pipeline.two_stage train)"
-    )
-
-
-def build_two_stage_features(weights_file: Path | None, input_shape=(None, None, 3)):
-    """The patch-wise network of a two-stage model as a fully convolutional feature extractor.
-
-    The layers of ``patch_net.keras`` from the input up to the 1x1 ``maps`` convolution are
-    applied to an input of any size (they are all convolutions, batch normalisation in
-    inference mode and ReLU), so a crop of the trained patch size gives exactly the network's
-    maps of that patch.  The output concatenates, per position (8 input pixels per cell), the
-    ``C`` maps and the ``16 w`` channels of the last hidden layer they are computed from; the
-    extractor's global average pooling then gives ``C + 16 w`` features per crop, the first
-    ``C`` being the mean of each map.
-
-    Parameters
-    ----------
-    weights_file : Path
-        The model directory.
-    input_shape : tuple
-        ``(height, width, 3)``; ``None`` sides accept any size that is a multiple of 8.
-    """
-    import keras
-
-    if weights_file is None:
-        raise ValueError("the two_stage backbone needs a trained model directory (--two-stage-model DIR)")
-    read_two_stage_record(weights_file)
-    net = keras.models.load_model(Path(weights_file) / TWO_STAGE_PATCH_NET, safe_mode=True, compile=False)
-    inputs = keras.Input(input_shape, name="image")
-    x, hidden = inputs, None
-    for layer in net.layers[1:]:  # a chain: scale, 15 x (conv, bn, relu), maps, head
-        if layer.name == "maps":
-            hidden = x
-            x = layer(x)
-            break
-        x = layer(x)
-    if hidden is None:
-        raise ValueError(f"{weights_file}: the patch-wise network has no 'maps' layer")
-    outputs = keras.layers.Concatenate(name="maps_and_hidden")([x, hidden])
-    return keras.Model(inputs, outputs, name="two_stage_features")
-
-
-def _identity_preprocess(x):
-    # the patch-wise network scales [0, 255] itself
-    return np.asarray(x, dtype=np.float32) if isinstance(x, np.ndarray) else x
-
-
 def weights_sha256(spec: BackboneSpec, path: Path | str) -> str:
-    """Hash identifying the weights a backbone loads: the file's, or ``patch_net.keras``'s."""
-    if spec.weights_kind == "two_stage_model":
-        return file_sha256(Path(path) / TWO_STAGE_PATCH_NET)
+    """Hash identifying the weights a backbone loads: the file's, or the trained model's."""
+    if spec.weights_file_of is not None:
+        return file_sha256(spec.weights_file_of(Path(path)))
     return file_sha256(path)
 
 
@@ -323,32 +259,21 @@ BACKBONES: dict[str, BackboneSpec] = {
 }
 
 
-#: Backbones whose weights are a model trained by this package rather than an ImageNet file:
-#: ``--two-stage-model DIR`` names the weights; :func:`weights_sha256` identifies them.
-TRAINED_BACKBONES: dict[str, BackboneSpec] = {
-    "two_stage": BackboneSpec(
-        name="two_stage",
-        feature_dim=0,  # C + 16 w: depends on the model (see build_two_stage_features)
-        build=build_two_stage_features,
-        preprocess=_identity_preprocess,
-        default_weights=_two_stage_missing,
-        weights_source="a trained two-stage model directory (python -m pipeline.two_stage train)",
-        min_input=8,
-        stride=8,
-        weights_kind="two_stage_model",
-    ),
-}
+def register_backbone(spec: BackboneSpec) -> BackboneSpec:
+    """Add `spec` to the registry (how a classifier offers its trained network as a backbone)."""
+    BACKBONES[spec.name] = spec
+    return spec
 
 
 def backbone_names() -> list[str]:
     """Every backbone name, ImageNet and trained (for command-line choices)."""
-    return sorted({**BACKBONES, **TRAINED_BACKBONES})
+    return sorted(BACKBONES)
 
 
 def get_backbone(name: str) -> BackboneSpec:
     """Registry lookup with a message listing the known names."""
     try:
-        return {**BACKBONES, **TRAINED_BACKBONES}[name]
+        return BACKBONES[name]
     except KeyError:
         raise ValueError(
             f"unknown backbone {name!r}; choose one of {', '.join(backbone_names())}"
@@ -366,18 +291,9 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> Path | None:
     if str(weights).lower() == "imagenet":
         return spec.default_weights()
     path = Path(weights).expanduser()
-    if spec.weights_kind == "two_stage_model":
-        read_two_stage_record(path)
+    if spec.weights_file_of is not None:
+        spec.weights_file_of(path)
         return path.resolve()
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     return path.resolve()
-
-
-def file_sha256(path: Path | str, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file, streamed (weights files are 10-100 MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()

@@ -19,7 +19,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import cv2
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
@@ -27,10 +26,12 @@ from tqdm.auto import tqdm
 from data.io import ImageReadError, read_image
 from features.augment import ColorAugmentation, augmented_crops, draw_augmentation
 from features.feature_maps import pool_windows
-from features.backbones import file_sha256, get_backbone, resolve_weights, weights_sha256
+from data.files import file_sha256
+from features.backbones import get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.pooling import pool_features
-from features.stain import MacenkoNormalizer, StainNormalizationError
+from features.stain import MacenkoNormalizer, fit_stain_reference
+from features.transforms import scale_image
 from features.store import FeatureStore, FeatureTable, make_record
 
 log = logging.getLogger(__name__)
@@ -45,64 +46,6 @@ class _OneGraphPerExtractor(logging.Filter):
 
 
 logging.getLogger("tensorflow").addFilter(_OneGraphPerExtractor())
-
-# How many images the stain reference is chosen among (spread over the dataset).
-REFERENCE_CANDIDATES = 16
-
-
-def scale_image(image: np.ndarray, scale: float) -> np.ndarray:
-    """Resize by ``scale`` (area averaging when shrinking, as it does not alias)."""
-    if scale == 1.0:
-        return image
-    h, w = image.shape[:2]
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-    return cv2.resize(image, size, interpolation=interp)
-
-
-def fit_stain_reference(
-    dataset: pd.DataFrame, scale: float, reference: str | Path | None = None
-) -> dict:
-    """Fit Macenko to a reference image and return the ``stain`` entry of the config.
-
-    With ``reference=None`` the reference is chosen from the data: among up to
-    ``REFERENCE_CANDIDATES`` images spread evenly over the dataset, the medoid of their stain
-    matrices (the most typical staining), so no single odd slide sets the target.
-    """
-    if reference is not None:
-        image = scale_image(read_image(reference), scale)
-        try:
-            normalizer = MacenkoNormalizer().fit(image)
-        except StainNormalizationError as exc:
-            raise StainNormalizationError(
-                f"stain reference '{reference}' cannot be used: {exc.reason}"
-            ) from exc
-        ref_name, ref_path = str(reference), Path(reference)
-    else:
-        picks = np.unique(np.linspace(0, len(dataset) - 1, REFERENCE_CANDIDATES).round().astype(int))
-        fitted = []
-        for i in picks:
-            row = dataset.iloc[i]
-            try:
-                fitted.append((row, MacenkoNormalizer().fit(scale_image(read_image(row.path), scale))))
-            except (ImageReadError, StainNormalizationError) as exc:
-                log.info("not a stain reference candidate: %s (%s)", row.image_id, exc)
-        if not fitted:
-            raise StainNormalizationError(
-                "no image of the dataset can serve as Macenko reference; give one with "
-                "--stain-reference or disable normalisation with --stain-reference none"
-            )
-        vectors = np.stack([n.stain_matrix.ravel() for _, n in fitted])
-        distances = np.linalg.norm(vectors[:, None] - vectors[None], axis=-1).sum(axis=1)
-        row, normalizer = fitted[int(np.argmin(distances))]
-        ref_name, ref_path = str(row.image_id), Path(row.path)
-    return {
-        "method": "macenko",
-        "reference": ref_name,
-        "reference_sha256": file_sha256(ref_path),
-        **normalizer.params(),
-    }
-
 
 def make_config(
     dataset: pd.DataFrame | None = None,
@@ -149,26 +92,24 @@ def backbone_options(backbone: str, *, weights: str = "imagenet", stain_referenc
     """Defaults of the options that depend on the backbone, as given on the command line.
 
     Returns ``(weights, stain_reference, crop_size, scale, model_stain)`` for
-    :func:`make_config`; ``model_stain`` is the two-stage model's own Macenko state (to put in
-    the config) or ``None``.  For ``two_stage`` the defaults are the model's: crops of its patch
-    size (what the network was trained on), its scale (its magnification) and its stain
-    normalisation; for the ImageNet backbones, the :class:`ExtractionConfig` defaults and the
-    ``auto`` stain reference.
+    :func:`make_config`; ``model_stain`` is the trained model's own Macenko state (to put in
+    the config) or ``None``.  For a trained backbone (``two_stage``) the defaults are the
+    model's (:attr:`BackboneSpec.extraction_defaults`); for the ImageNet backbones, the
+    :class:`ExtractionConfig` defaults and the ``auto`` stain reference.
     """
-    from features.backbones import read_two_stage_record
-
     d = ExtractionConfig
-    if backbone != "two_stage":
+    spec = get_backbone(backbone)
+    if not spec.trained:
         if two_stage_model is not None:
             raise ValueError("--two-stage-model is for --backbone two_stage")
         if stain_reference is not None and stain_reference.lower() == "model":
             raise ValueError("--stain-reference model is for --backbone two_stage")
         return weights, stain_reference or "auto", crop_size or d.crop_size, scale or d.scale, None
     if two_stage_model is None:
-        raise ValueError("--backbone two_stage needs --two-stage-model MODEL_DIR (a trained two-stage model)")
+        raise ValueError(f"--backbone {backbone} needs --two-stage-model MODEL_DIR (a trained two-stage model)")
     if weights != "imagenet":
-        raise ValueError("--backbone two_stage takes its weights from --two-stage-model, not --weights")
-    model = read_two_stage_record(two_stage_model)["config"]
+        raise ValueError(f"--backbone {backbone} takes its weights from --two-stage-model, not --weights")
+    model = spec.extraction_defaults(Path(two_stage_model))
     scale = scale or model["scale"]
     if scale != model["scale"]:
         log.warning("extracting at scale %s, but the two-stage model was trained at scale %s",
@@ -176,7 +117,7 @@ def backbone_options(backbone: str, *, weights: str = "imagenet", stain_referenc
     stain, model_stain = stain_reference or "model", None
     if stain.lower() == "model":
         stain, model_stain = "none", model.get("stain")
-    return str(two_stage_model), stain, crop_size or model["patch_size"], scale, model_stain
+    return str(two_stage_model), stain, crop_size or model["crop_size"], scale, model_stain
 
 
 def describe_device() -> str:

@@ -7,10 +7,19 @@ and the reason is returned so the caller can record and report it.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
+
+from data.files import file_sha256
+from data.io import ImageReadError, read_image
+from features.transforms import scale_image
+
+log = logging.getLogger(__name__)
 
 # Fraction of pixels that must be tissue (LAB luminosity below the threshold): below this the
 # eigen-decomposition is fitted on a handful of pixels and the stain vectors are noise.
@@ -114,3 +123,51 @@ class MacenkoNormalizer:
             return self.transform(image), None
         except StainNormalizationError as exc:
             return image, exc.reason
+
+
+# How many images the stain reference is chosen among (spread over the dataset).
+REFERENCE_CANDIDATES = 16
+
+
+def fit_stain_reference(
+    dataset: pd.DataFrame, scale: float, reference: str | Path | None = None
+) -> dict:
+    """Fit Macenko to a reference image and return the ``stain`` entry of the config.
+
+    With ``reference=None`` the reference is chosen from the data: among up to
+    ``REFERENCE_CANDIDATES`` images spread evenly over the dataset, the medoid of their stain
+    matrices (the most typical staining), so no single odd slide sets the target.
+    """
+    if reference is not None:
+        image = scale_image(read_image(reference), scale)
+        try:
+            normalizer = MacenkoNormalizer().fit(image)
+        except StainNormalizationError as exc:
+            raise StainNormalizationError(
+                f"stain reference '{reference}' cannot be used: {exc.reason}"
+            ) from exc
+        ref_name, ref_path = str(reference), Path(reference)
+    else:
+        picks = np.unique(np.linspace(0, len(dataset) - 1, REFERENCE_CANDIDATES).round().astype(int))
+        fitted = []
+        for i in picks:
+            row = dataset.iloc[i]
+            try:
+                fitted.append((row, MacenkoNormalizer().fit(scale_image(read_image(row.path), scale))))
+            except (ImageReadError, StainNormalizationError) as exc:
+                log.info("not a stain reference candidate: %s (%s)", row.image_id, exc)
+        if not fitted:
+            raise StainNormalizationError(
+                "no image of the dataset can serve as Macenko reference; give one with "
+                "--stain-reference or disable normalisation with --stain-reference none"
+            )
+        vectors = np.stack([n.stain_matrix.ravel() for _, n in fitted])
+        distances = np.linalg.norm(vectors[:, None] - vectors[None], axis=-1).sum(axis=1)
+        row, normalizer = fitted[int(np.argmin(distances))]
+        ref_name, ref_path = str(row.image_id), Path(row.path)
+    return {
+        "method": "macenko",
+        "reference": ref_name,
+        "reference_sha256": file_sha256(ref_path),
+        **normalizer.params(),
+    }

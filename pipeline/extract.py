@@ -1,7 +1,7 @@
 """``python -m pipeline.extract``: cached, reproducible deep features for a folder of images.
 
 ``--backbone two_stage --two-stage-model MODEL_DIR`` uses the patch-wise network of a trained
-two-stage model (:func:`features.backbones.build_two_stage_features`); its scale, crop size
+two-stage model (:func:`classifiers.two_stage.backbone.build_two_stage_features`); its scale, crop size
 (= its patch size) and stain normalisation default to the model's own.
 
 ``--dask SCHEDULER_ADDRESS`` (or ``--dask local:N``) runs one task per image on a
@@ -10,6 +10,7 @@ two-stage model (:func:`features.backbones.build_two_stage_features`); its scale
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from dataclasses import replace
@@ -153,6 +154,9 @@ def _extract_on_dask(args, dataset, config):
     from features.distributed import dask_client, extract_on_dask
 
     with dask_client(args.dask) as client:
+        # Workers are fresh processes: import classifiers there too, which registers the trained
+        # backbones (two_stage) with the registry.
+        client.run(importlib.import_module, "classifiers")
         return extract_on_dask(dataset, config, args.out, client, batch_size=args.batch_size,
                                progress=not args.quiet)
 

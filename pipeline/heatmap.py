@@ -138,7 +138,7 @@ class FeatureModelMaps:
 
     def __call__(self, path: str, raw):
         from classifiers.heatmap import feature_heatmap
-        from features.extract import scale_image
+        from features.transforms import scale_image
 
         heatmap = feature_heatmap(raw, self.sources, self.model.fitted, window=self.window, step=self.step,
                                   classes=self.model.classes, exact=self.args.exact)
@@ -166,7 +166,7 @@ class PatchCNNMaps:
 
     def __call__(self, path: str, raw):
         from classifiers.heatmap import sliding_window_heatmap
-        from features.extract import scale_image
+        from features.transforms import scale_image
 
         image = scale_image(raw, self.model.config.scale)
         heatmap = sliding_window_heatmap(image, self.model.predict_proba, self.model.classes, window=self.window,
@@ -197,7 +197,7 @@ class TwoStageMaps:
     def __call__(self, path: str, raw):
         from classifiers.heatmap import sliding_window_heatmap
         from classifiers.two_stage.model import TwoStageInputError
-        from features.extract import scale_image
+        from features.transforms import scale_image
 
         cfg = self.model.cfg
         image = self.model.preprocess(raw, path)

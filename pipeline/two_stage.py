@@ -81,7 +81,7 @@ def train(args) -> int:
     dataset = load_dataset(args.data, scheme=args.scheme)
     stain = None
     if args.stain_reference.lower() != "none":
-        from features.extract import fit_stain_reference
+        from features.stain import fit_stain_reference
 
         reference = None if args.stain_reference.lower() == "auto" else args.stain_reference
         stain = fit_stain_reference(dataset, args.scale, reference)

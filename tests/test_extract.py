@@ -18,6 +18,7 @@ from features import extract as extract_mod
 from features.backbones import WeightsNotFoundError, get_backbone, resolve_weights
 from features.extract import extract_to_store, make_config
 from features.store import FeatureStore, load_store
+from features.transforms import scale_image
 from pipeline import extract as cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -249,7 +250,7 @@ def test_whole_mode_ignores_crop_options_and_pools_the_whole_map(dataset, tmp_pa
     # Augmentation 0 is the original image: its feature is the mean of the image's map.
     row = dataset.iloc[0]
     extractor = extract_mod.FeatureExtractor(config, batch_size=1)
-    image = extract_mod.scale_image(extract_mod.read_image(row.path), 1.0)
+    image = scale_image(extract_mod.read_image(row.path), 1.0)
     expected = extractor.feature_maps(image[None])[0].mean(axis=(0, 1))
     got = table.X[(table.meta.image_id == row.image_id).to_numpy() & (table.meta.aug == 0).to_numpy()][0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)

@@ -25,7 +25,8 @@ from classifiers.feature.predict import ModelCompatibilityError, predict_images,
 from classifiers.evaluation.voting import vote
 from data.datasets import load_dataset
 from data.synthetic import write_dataset
-from features.backbones import file_sha256, get_backbone
+from data.files import file_sha256
+from features.backbones import get_backbone
 from features.config import ExtractionConfig
 from features.extract import extract_to_store, make_config
 from features.store import load_store

@@ -185,7 +185,7 @@ def test_config_presets_and_reserved_fields():
 
 
 def test_two_stage_backbone_gives_the_maps_and_hidden_features(fold_model):
-    from features.backbones import build_two_stage_features
+    from classifiers.two_stage.backbone import build_two_stage_features
 
     model = TwoStageModel.load(fold_model)
     net = build_two_stage_features(fold_model)

@@ -151,7 +151,7 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
     """
     from dataclasses import replace
 
-    from features.backbones import BACKBONES, TRAINED_BACKBONES
+    from features.backbones import BACKBONES
     from features.config import FEATURE_FORMAT_VERSION, ExtractionConfig
 
     weights = dict(weights or {})
@@ -161,11 +161,13 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
     configs = []
     for name, record in zip(model.store_names, model.store_configs):
         backbone = record.get("backbone")
-        if backbone not in BACKBONES and backbone not in TRAINED_BACKBONES:
+        if backbone not in BACKBONES:
+            imagenet = sorted(n for n, spec in BACKBONES.items() if not spec.trained)
+            trained = sorted(n for n, spec in BACKBONES.items() if spec.trained)
             raise ModelCompatibilityError(
                 f"store {name!r}: the model needs backbone {backbone!r}, which this version does not "
-                f"have (known: {', '.join(sorted(BACKBONES))}), nor a trained backbone "
-                f"({', '.join(sorted(TRAINED_BACKBONES))}); {retrain}"
+                f"have (known: {', '.join(imagenet)}), nor a trained backbone "
+                f"({', '.join(trained)}); {retrain}"
             )
         if record.get("feature_format") != FEATURE_FORMAT_VERSION:
             raise ModelCompatibilityError(

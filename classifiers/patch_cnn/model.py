@@ -209,7 +209,7 @@ def build_patch_dataset(pairs, sampling: PatchSampling, *, scale: float = 1.0, c
     """
     from data.io import ImageReadError, read_image
     from features.augment import image_seed
-    from features.extract import scale_image
+    from features.transforms import scale_image
 
     blocks, skipped, errors, conventions, dropped = [], [], [], {}, []
     for image_id, image_path, json_path in pairs:

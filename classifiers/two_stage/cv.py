@@ -217,7 +217,7 @@ def _image_size(path) -> tuple[int, int] | None:
 def check_grids(table: pd.DataFrame, config: TwoStageConfig) -> None:
     """Before any training: every image must give the same non-overlapping patch grid.
 
-    Sizes come from the file headers (scaled as :func:`features.extract.scale_image` does);
+    Sizes come from the file headers (scaled as :func:`features.transforms.scale_image` does);
     a file whose header cannot be read is left to training, which names it.
 
     Raises
@@ -318,7 +318,7 @@ def _stain_for(table: pd.DataFrame, config: TwoStageConfig, stain_reference: str
     if fixed is not None:
         return fixed
     if str(stain_reference).lower() == "auto":
-        from features.extract import fit_stain_reference
+        from features.stain import fit_stain_reference
 
         return fit_stain_reference(table.reset_index(drop=True), config.scale)
     return None
@@ -491,7 +491,7 @@ def cross_validate_two_stage(table: pd.DataFrame, dataset: CVDataset, folds: np.
     table = table.set_index("image_id").loc[dataset.images["image_id"]].reset_index()
     fixed = None
     if str(stain_reference).lower() not in ("none", "auto"):
-        from features.extract import fit_stain_reference
+        from features.stain import fit_stain_reference
 
         fixed = fit_stain_reference(table, config.scale, reference=stain_reference)
     n_folds = int(folds.max()) + 1

@@ -172,7 +172,7 @@ class TwoStageConfig:
         Memory for decoded training images; beyond it images are re-read from disk.
     stain : dict or None
         Macenko state (:meth:`features.stain.MacenkoNormalizer.params`, as made by
-        :func:`features.extract.fit_stain_reference`) or None: no normalisation (the paper
+        :func:`features.stain.fit_stain_reference`) or None: no normalisation (the paper
         relies on colour augmentation instead).
     seed : int
         Root of every random draw (weights, split, augmentation, order).
@@ -441,7 +441,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         TwoStageInputError
             If the scaled image is smaller than one patch (the message names `name`).
         """
-        from features.extract import scale_image
+        from features.transforms import scale_image
 
         cfg = self.cfg
         image = scale_image(np.asarray(image), cfg.scale)
