@@ -16,7 +16,7 @@ synthetic
 """
 
 from .datasets import DatasetError, load_dataset
-from .io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, read_image, write_image
+from .io import IMAGE_EXTENSIONS, ImageReadError, is_image_file, list_images, read_image, write_image
 from .labels import (
     CANONICAL_LABELS,
     SCHEMES,
@@ -40,6 +40,7 @@ __all__ = [
     "decode",
     "encode",
     "is_image_file",
+    "list_images",
     "load_dataset",
     "make_image",
     "map_labels",

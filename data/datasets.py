@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from .io import IMAGE_EXTENSIONS, is_image_file
+from .io import IMAGE_EXTENSIONS, is_image_file, list_images
 from .labels import CANONICAL_LABELS, canonical_label, map_labels
 
 __all__ = ["COLUMNS", "DatasetError", "load_dataset"]
@@ -97,15 +97,6 @@ def _is_hidden(rel: Path) -> bool:
     return any(part.startswith((".", "__")) for part in rel.parts)
 
 
-def _list_images(folder: Path, root: Path) -> list[Path]:
-    """Image files below `folder` (recursively), skipping hidden entries."""
-    return [
-        p
-        for p in folder.rglob("*")
-        if is_image_file(p) and not _is_hidden(p.relative_to(root)) and p.is_file()
-    ]
-
-
 def _format_list(items: list[str]) -> str:
     shown = ", ".join(items[:_MAX_LISTED])
     more = len(items) - _MAX_LISTED
@@ -116,7 +107,7 @@ def _scan_folder(root: Path) -> pd.DataFrame:
     subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not _is_hidden(Path(p.name)))
     rows = []
     for sub in subdirs:
-        images = _list_images(sub, root)
+        images = list_images(sub)
         try:
             label = canonical_label(sub.name)
         except ValueError:

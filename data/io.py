@@ -94,6 +94,20 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return Path(path).suffix.lower() in IMAGE_EXTENSIONS
 
 
+def list_images(folder: str | os.PathLike) -> list[Path]:
+    """Image files below `folder` (recursively), sorted; the one image listing of the package.
+
+    Hidden entries are skipped: names starting with ``.`` or ``__`` anywhere below `folder`
+    (macOS ``._x.jpg`` resource forks, ``__MACOSX``) are not data.
+    """
+    folder = Path(folder)
+    return sorted(
+        p for p in folder.rglob("*")
+        if is_image_file(p) and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts)
+        and p.is_file()
+    )
+
+
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read an image file as an 8-bit RGB array.
 

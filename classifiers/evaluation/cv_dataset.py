@@ -68,7 +68,7 @@ class CVDataset:
         return self.meta["label"].to_numpy()
 
 
-def _listing(values) -> str:
+def short_list(values) -> str:
     values = sorted(map(str, values))
     shown = ", ".join(values[:_MAX_LISTED])
     more = len(values) - _MAX_LISTED
@@ -117,7 +117,7 @@ def _validated_frame(table, name: str) -> tuple[pd.DataFrame, np.ndarray]:
     if not np.all(np.isfinite(X)):
         bad = meta.loc[~np.isfinite(X).all(axis=1), "image_id"].unique()
         raise InputDataError(
-            f"store {name!r}: non-finite features for images {_listing(bad)}; re-extract those images"
+            f"store {name!r}: non-finite features for images {short_list(bad)}; re-extract those images"
         )
     meta = meta.loc[:, list(REQUIRED_META_COLUMNS)].copy()
     meta["image_id"] = meta["image_id"].astype(str)
@@ -127,14 +127,14 @@ def _validated_frame(table, name: str) -> tuple[pd.DataFrame, np.ndarray]:
     dup = meta.duplicated(["image_id", "aug"])
     if dup.any():
         raise InputDataError(
-            f"store {name!r}: duplicate (image_id, aug) rows for images {_listing(meta.loc[dup, 'image_id'].unique())}"
+            f"store {name!r}: duplicate (image_id, aug) rows for images {short_list(meta.loc[dup, 'image_id'].unique())}"
         )
     per_image = meta.groupby("image_id")[["label", "group"]].nunique()
     for column in ("label", "group"):
         bad = per_image.index[per_image[column] > 1]
         if len(bad):
             raise InputDataError(
-                f"store {name!r}: images with more than one {column} across augmentations: {_listing(bad)}; "
+                f"store {name!r}: images with more than one {column} across augmentations: {short_list(bad)}; "
                 "fix the manifest and re-extract"
             )
     order = np.lexsort((meta["aug"].to_numpy(), meta["image_id"].to_numpy()))
@@ -151,9 +151,9 @@ def _check_same_rows(metas: list, names: list) -> None:
             only_ref, only_other = ref_images - images, images - ref_images
             parts = []
             if only_ref:
-                parts.append(f"{len(only_ref)} image(s) only in {ref_name!r}: {_listing(only_ref)}")
+                parts.append(f"{len(only_ref)} image(s) only in {ref_name!r}: {short_list(only_ref)}")
             if only_other:
-                parts.append(f"{len(only_other)} image(s) only in {name!r}: {_listing(only_other)}")
+                parts.append(f"{len(only_other)} image(s) only in {name!r}: {short_list(only_other)}")
             raise InputDataError(
                 f"stores {ref_name!r} and {name!r} do not cover the same images: " + "; ".join(parts)
                 + ". Extract every backbone from the same manifest (same images, same augmentation "
@@ -169,7 +169,7 @@ def _check_same_rows(metas: list, names: list) -> None:
                 merged = ref.merge(meta, on=["image_id", "aug"], how="outer", indicator=True)
                 differ = merged.loc[merged["_merge"] != "both", "image_id"].unique()
             raise InputDataError(
-                f"stores {ref_name!r} and {name!r} hold different augmentations for images {_listing(differ)}. "
+                f"stores {ref_name!r} and {name!r} hold different augmentations for images {short_list(differ)}. "
                 "Extract both stores with the same augmentation count and seed."
             )
         for column in ("label", "group"):
@@ -177,7 +177,7 @@ def _check_same_rows(metas: list, names: list) -> None:
             if diff.any():
                 raise InputDataError(
                     f"stores {ref_name!r} and {name!r} disagree on the {column} of images "
-                    f"{_listing(ref.loc[diff, 'image_id'].unique())}; extract them from the same manifest"
+                    f"{short_list(ref.loc[diff, 'image_id'].unique())}; extract them from the same manifest"
                 )
 
 

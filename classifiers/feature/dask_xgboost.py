@@ -26,7 +26,7 @@ from classifiers.feature.estimators import (
     DeviceChoice,
     DeviceUnavailableError,
     XGBoostFeatureClassifier,
-    _booster_device,
+    booster_device,
     make_classifier,
     probe_xgboost_gpu,
 )
@@ -150,7 +150,7 @@ def fit_xgboost_on_dask(
     finally:
         client.cancel(futures)
     booster = distributed_model.get_booster()
-    used = _booster_device(booster)
+    used = booster_device(booster)
     if device == "cuda" and not used.startswith("cuda"):
         raise DeviceUnavailableError(f"XGBoost was asked for device='cuda' but trained on {used!r}")
     # A plain XGBClassifier around the same trees: what model_io saves and predict uses.

@@ -59,7 +59,7 @@ class DeviceChoice:
     reason: str
 
 
-def _booster_device(booster) -> str:
+def booster_device(booster) -> str:
     """Device a trained booster actually used, read from its saved config."""
     config = json.loads(booster.save_config())
     return str(config["learner"]["generic_param"]["device"])
@@ -95,7 +95,7 @@ def probe_xgboost_gpu() -> DeviceChoice:
             )
         except xgboost.core.XGBoostError as exc:  # broken driver etc.
             return DeviceChoice("cpu", f"xgboost CUDA probe failed: {exc}")
-    used = _booster_device(booster)
+    used = booster_device(booster)
     if used.startswith("cuda"):
         return DeviceChoice("cuda", f"xgboost probe trained on {used}")
     # "[21:34:56] WARNING: /src/context.cc:53: No visible GPU ..." -> "No visible GPU ..."
@@ -257,7 +257,7 @@ class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
             device = resolve_xgboost_device("auto").device
         model = xgboost.XGBClassifier(**self.booster_params(device), n_jobs=self.n_jobs)
         model.fit(X, encoder.transform(y))
-        used = _booster_device(model.get_booster())
+        used = booster_device(model.get_booster())
         if device == "cuda" and not used.startswith("cuda"):
             raise DeviceUnavailableError(f"XGBoost was asked for device='cuda' but trained on {used!r}")
         self.booster_ = model

@@ -221,17 +221,13 @@ def list_images(inputs) -> tuple[list, list]:
     skipped : list of dict
         ``{"image": input, "reason": ...}`` for missing inputs and folders without images.
     """
-    from data.io import IMAGE_EXTENSIONS, is_image_file
+    from data.io import IMAGE_EXTENSIONS, list_images
 
     paths, skipped = [], []
     for item in map(str, inputs):
         p = Path(item)
         if p.is_dir():
-            found = sorted(
-                str(f) for f in p.rglob("*")
-                if f.is_file() and is_image_file(f)
-                and not any(part.startswith((".", "__")) for part in f.relative_to(p).parts)
-            )
+            found = [str(f) for f in list_images(p)]
             if not found:
                 skipped.append({"image": item, "reason": f"folder holds no image ({', '.join(IMAGE_EXTENSIONS)})"})
             paths.extend(found)
@@ -310,7 +306,7 @@ def predict_images(
         Xs.append(table.X)
     classes = tuple(model.classes)
     if frame.empty:
-        return PredictionResult(_empty_table(classes), skipped, classes, seconds=time.perf_counter() - start,
+        return PredictionResult(empty_predictions_table(classes), skipped, classes, seconds=time.perf_counter() - start,
                                 device=device)
 
     keys = metas[0][["image_id", "aug"]]
@@ -337,7 +333,7 @@ def predict_images(
     return PredictionResult(out, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
 
 
-def _empty_table(classes) -> pd.DataFrame:
+def empty_predictions_table(classes) -> pd.DataFrame:
     columns = ["image", "prediction", "prediction_mean_proba", "n_aug"]
     columns += [f"proba_{c}" for c in classes] + [f"votes_{c}" for c in classes] + ["stain_note"]
     return pd.DataFrame(columns=columns)

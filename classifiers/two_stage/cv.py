@@ -44,16 +44,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classifiers.evaluation.cv_dataset import CVDataset, InputDataError, _listing, build_dataset, map_to_scheme
+from classifiers.evaluation.cv_dataset import CVDataset, InputDataError, short_list, build_dataset, map_to_scheme
 from classifiers.evaluation.cross_validation import CVConfig, CVResult, RunResult, RunSpec, run_cross_validation
 from classifiers.evaluation.folds import assign_folds
 from classifiers.two_stage.grid import N_DIHEDRAL, grid_shape, orient_grid, stack_maps
 from classifiers.two_stage.model import (
-    _RUNTIME_FIELDS,
+    RUNTIME_FIELDS,
     TwoStageConfig,
     TwoStageInputError,
     TwoStageModel,
-    _infer,
+    infer,
     fuse_patch_probabilities,
 )
 from classifiers.two_stage.training import CheckpointMismatchError
@@ -158,7 +158,7 @@ def image_dataset(table: pd.DataFrame, scheme: str) -> CVDataset:
     """
     table = table.sort_values("image_id").reset_index(drop=True)
     if table["image_id"].duplicated().any():
-        raise InputDataError(f"duplicate image ids: {_listing(table.loc[table['image_id'].duplicated(), 'image_id'])}")
+        raise InputDataError(f"duplicate image ids: {short_list(table.loc[table['image_id'].duplicated(), 'image_id'])}")
     mapped, scheme_classes = map_to_scheme(table["label"].to_numpy(), scheme)
     present = tuple(c for c in scheme_classes if c in set(mapped))
     if len(present) < 2:
@@ -183,9 +183,9 @@ def check_same_images(features: CVDataset, images: CVDataset) -> None:
     if a != b:
         parts = []
         if a - b:
-            parts.append(f"{len(a - b)} image(s) only in the feature store(s): {_listing(a - b)}")
+            parts.append(f"{len(a - b)} image(s) only in the feature store(s): {short_list(a - b)}")
         if b - a:
-            parts.append(f"{len(b - a)} image(s) only in --data: {_listing(b - a)}")
+            parts.append(f"{len(b - a)} image(s) only in --data: {short_list(b - a)}")
         raise InputDataError(
             "the feature store(s) and --data do not hold the same images (image ids are paths relative "
             "to the dataset folder or manifest): " + "; ".join(parts) + ". Extract the features from the "
@@ -197,7 +197,7 @@ def check_same_images(features: CVDataset, images: CVDataset) -> None:
         differ = left.index[left[column].to_numpy() != right[column].to_numpy()]
         if len(differ):
             raise InputDataError(
-                f"the feature store(s) and --data disagree on the {column} of images {_listing(differ)}; "
+                f"the feature store(s) and --data disagree on the {column} of images {short_list(differ)}; "
                 "extract the features from the manifest given as --data (the folds depend on labels and groups)"
             )
 
@@ -282,7 +282,7 @@ def view_scores(model: TwoStageModel, image: np.ndarray, name: str = "<array>",
     model._check_grid(image, name)
     views = model._views(image, list(transforms))
     stacks = np.stack([stack_maps(orient_grid(maps, model.grid_)) for maps, _ in views])
-    out = {"two_stage": np.asarray(_infer(model.image_net_, stacks), dtype=np.float64)}
+    out = {"two_stage": np.asarray(infer(model.image_net_, stacks), dtype=np.float64)}
     for method in FUSION_METHODS:
         out[method] = np.stack([fuse_patch_probabilities(p, method) for _, p in views])
     return out
@@ -327,7 +327,7 @@ def _stain_for(table: pd.DataFrame, config: TwoStageConfig, stain_reference: str
 def _fingerprint(config: TwoStageConfig, table: pd.DataFrame, train, test) -> dict:
     return {
         "format": _FOLD_FORMAT,
-        "config": {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_FIELDS},
+        "config": {k: v for k, v in config.to_dict().items() if k not in RUNTIME_FIELDS},
         "train": [[str(i), str(lab), str(g)] for i, lab, g in table.iloc[train][["image_id", "label", "group"]]
                   .itertuples(index=False)],
         "test": [str(i) for i in table["image_id"].iloc[test]],
@@ -620,7 +620,7 @@ def predict_two_stage_images(model: TwoStageModel, paths, *, ensemble: bool | No
         Same table columns as for a deep-feature model; unreadable images, images smaller than
         a patch or of another grid are in ``skipped`` with their reason.
     """
-    from classifiers.feature.predict import PredictionResult, _empty_table
+    from classifiers.feature.predict import PredictionResult, empty_predictions_table
     from data.io import ImageReadError
     from features.extract import describe_device
 
@@ -640,7 +640,7 @@ def predict_two_stage_images(model: TwoStageModel, paths, *, ensemble: bool | No
         notes.append(note)
     device = describe_device()
     if not images:
-        return PredictionResult(_empty_table(classes), skipped, classes, seconds=time.perf_counter() - start,
+        return PredictionResult(empty_predictions_table(classes), skipped, classes, seconds=time.perf_counter() - start,
                                 device=device)
     row_proba = np.concatenate(blocks)
     row_image = np.repeat(np.arange(len(images)), len(transforms))

@@ -110,7 +110,7 @@ METHODS: tuple[str, ...] = ("two_stage", "majority", "max", "sum")
 MODEL_FORMAT = 1
 
 # Config fields that do not change the trained weights: left out of the resume fingerprint.
-_RUNTIME_FIELDS = ("ensemble", "inference_batch_size", "cache_mb")
+RUNTIME_FIELDS = ("ensemble", "inference_batch_size", "cache_mb")
 
 
 class TwoStageInputError(ValueError):
@@ -377,7 +377,7 @@ def fuse_patch_probabilities(patch_proba: np.ndarray, method: str) -> np.ndarray
 # --------------------------------------------------------------------------------------------
 
 
-def _infer(model, x: np.ndarray):
+def infer(model, x: np.ndarray):
     """Inference-mode outputs as numpy.
 
     A direct call rather than ``predict_on_batch``: no graph is traced per batch shape, which
@@ -566,7 +566,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
 
         store = None
         if checkpoint_dir is not None:
-            fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k not in _RUNTIME_FIELDS},
+            fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS},
                            "images": [[n, int(c)] for n, c in zip(names, labels)],
                            "validation": [int(i) for i in val]}
             store = training.CheckpointStore(checkpoint_dir, fingerprint)
@@ -602,7 +602,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
                 yield arrays["x_train"][order[s:s + cfg.batch_size]], arrays["y_train"][order[s:s + cfg.batch_size]]
 
         def evaluate_images(model):
-            proba = np.concatenate([_infer(model, arrays["x_val"][s:s + cfg.batch_size])
+            proba = np.concatenate([infer(model, arrays["x_val"][s:s + cfg.batch_size])
                                     for s in range(0, len(arrays["y_val"]), cfg.batch_size)])
             return _ce_and_accuracy(proba, arrays["y_val"])
 
@@ -617,7 +617,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         probas, ys = [], []
         for i in indices:
             patches = extract_patches(images.get(i), k, k).reshape(-1, k, k, 3)
-            probas += [_infer(model, patches[s:s + b]) for s in range(0, len(patches), b)]
+            probas += [infer(model, patches[s:s + b]) for s in range(0, len(patches), b)]
             ys.append(np.full(len(patches), labels[i]))
         return _ce_and_accuracy(np.concatenate(probas), np.concatenate(ys))
 
@@ -645,7 +645,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
             net = self.patch_net_
             self._outputs = keras.Model(net.input, [net.get_layer("maps").output, net.output])
         b = self.cfg.inference_batch_size
-        outs = [_infer(self._outputs, patches[s:s + b]) for s in range(0, len(patches), b)]
+        outs = [infer(self._outputs, patches[s:s + b]) for s in range(0, len(patches), b)]
         return np.concatenate([o[0] for o in outs]), np.concatenate([o[1] for o in outs])
 
     def _views(self, image: np.ndarray, transforms: Sequence[int]):
@@ -702,7 +702,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
             for m in methods:
                 if m == "two_stage":
                     stacks = np.stack([stack_maps(orient_grid(maps, self.grid_)) for maps, _ in views])
-                    scores[m].append(_infer(self.image_net_, stacks).mean(axis=0))
+                    scores[m].append(infer(self.image_net_, stacks).mean(axis=0))
                 else:
                     scores[m].append(np.mean([fuse_patch_probabilities(p, m) for _, p in views], axis=0))
             if "majority" in methods:  # for tie-breaking in predict
@@ -841,7 +841,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
         If an input does not exist or a folder holds no image.
     """
     from data.datasets import load_dataset
-    from data.io import is_image_file
+    from data.io import list_images
 
     rows = []
     for item in inputs:
@@ -852,8 +852,7 @@ def collect_images(inputs: Sequence[str | os.PathLike]) -> pd.DataFrame:
         elif path.is_file():
             rows.append((str(path), ""))
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_file(p)
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            found = list_images(path)
             if not found:
                 raise FileNotFoundError(f"folder '{path}' contains no image files")
             rows += [(str(p), "") for p in found]
