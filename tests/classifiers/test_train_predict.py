@@ -32,8 +32,8 @@ from features.extract import extract_to_store, make_config
 from features.store import load_store
 from pipeline import predict as predict_cli
 from pipeline import train as train_cli
+from conftest import TINY_PROTOCOL
 
-SMALL = dict(augmentations=2, crops=2, crop_size=48, scale=1.0)
 XGB = dict(classifier="xgboost", n_jobs=1, device="cpu")  # one thread: the cores are shared
 
 
@@ -52,7 +52,7 @@ def stores(dataset, tmp_path_factory):
     """Two stores of the same images: (mean pooling, seed 0) and (max pooling, seed 1)."""
     roots = []
     for options in ({"seed": 0}, {"seed": 1, "pooling": "max"}):
-        config = make_config(dataset, backbone="efficientnet_lite0", weights=None, **SMALL, **options)
+        config = make_config(dataset, backbone="efficientnet_lite0", weights=None, **TINY_PROTOCOL, **options)
         root = tmp_path_factory.mktemp("store")
         summary = extract_to_store(dataset, config, root, progress=False)
         assert len(summary.done) == 8

@@ -29,8 +29,8 @@ from features.extract import extract_to_store, make_config  # noqa: E402
 from features.store import load_store  # noqa: E402
 from pipeline import extract as extract_cli  # noqa: E402
 from pipeline import train as train_cli  # noqa: E402
+from conftest import TINY_PROTOCOL
 
-SMALL = dict(augmentations=2, crops=2, crop_size=48, scale=1.0)
 BATCH = 3  # crops per forward pass: 4 crops per image, so the last batch is padded
 
 
@@ -43,7 +43,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def config(tiny_dataset):
-    return make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **SMALL)
+    return make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **TINY_PROTOCOL)
 
 
 @pytest.fixture(scope="module")

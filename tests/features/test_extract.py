@@ -20,9 +20,9 @@ from features.extract import extract_to_store, make_config
 from features.store import FeatureStore, load_store
 from features.transforms import scale_image
 from pipeline import extract as cli
+from conftest import TINY_PROTOCOL
 
-ROOT = Path(__file__).resolve().parents[1]
-SMALL = dict(augmentations=2, crops=2, crop_size=48, scale=1.0)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def dataset(tiny_dataset):
 
 @pytest.fixture(scope="module")
 def config(dataset):
-    return make_config(dataset, backbone="efficientnet_lite0", weights=None, **SMALL)
+    return make_config(dataset, backbone="efficientnet_lite0", weights=None, **TINY_PROTOCOL)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_rerun_does_no_work_and_is_bit_identical(clean_store, dataset, config, t
 def test_changed_config_gets_its_own_store(clean_store, dataset, config):
     root, summary = clean_store
     for change in ({"seed": 1}, {"pooling": "max"}, {"crop_size": 40}, {"stain_reference": "none"}):
-        options = {**SMALL, "seed": 0, **change}
+        options = {**TINY_PROTOCOL, "seed": 0, **change}
         changed = make_config(dataset, backbone="efficientnet_lite0", weights=None, **options)
         assert changed.config_hash != config.config_hash, change
     assert FeatureStore(root, config).path == summary.store_path
@@ -167,7 +167,7 @@ def test_missing_imagenet_weights_fail_fast_with_instructions(monkeypatch, tmp_p
     # "before any work": not a single image may be read before the weights are checked
     monkeypatch.setattr(extract_mod, "read_image", lambda path: pytest.fail("image read"))
     with pytest.raises(WeightsNotFoundError) as err:
-        make_config(dataset, backbone="resnet50", weights="imagenet", **SMALL)
+        make_config(dataset, backbone="resnet50", weights="imagenet", **TINY_PROTOCOL)
     message = str(err.value)
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(tmp_path / "models") in message
