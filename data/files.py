@@ -25,17 +25,31 @@ def _temporary_name(path: Path) -> Path:
     return path.with_name(f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
 
 
+def fsync_path(path: Path | str) -> None:
+    """Flush a file's or a directory's data to the disk (a rename is durable only once its
+    directory is synced)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def atomic_write(path: Path | str, writer: Callable[[Path], object]) -> Path:
     """Call ``writer(tmp)`` on a temporary file beside `path`, then rename it to `path`.
 
     A reader sees the old file or the complete new one, never a partial one; on any error the
-    temporary file is removed and `path` is untouched.
+    temporary file is removed and `path` is untouched.  The file is synced before the rename
+    and its directory after it, so a renamed file also survives a power loss.  The writer
+    creates the file, so the umask decides who may read it (as for every other output).
     """
     path = Path(path)
     tmp = _temporary_name(path)
     try:
         writer(tmp)
+        fsync_path(tmp)  # the data first: a power loss must not leave a renamed empty file
         os.replace(tmp, path)
+        fsync_path(path.parent)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import joblib
 import pandas as pd
 from tqdm.auto import tqdm
 
@@ -140,7 +139,7 @@ def _stored_outcome(store: FeatureStore, image_id: str, source_sha256: str,
     """The outcome of an image whose record is already in the store, else ``None``."""
     if not store.is_done(image_id, source_sha256):
         return None
-    note = joblib.load(store.record_path(image_id)).get("stain_note")
+    note = store.read(image_id).get("stain_note")
     return ImageOutcome(image_id, None, note, 0, "", worker)
 
 
@@ -180,9 +179,15 @@ def extract_on_dask(
         The first error of a task other than a dead worker (a wrong weights file on a worker,
         say); the remaining tasks are cancelled and the finished images stay in the store.
     """
+    # The client holds the store's lock for the whole run; workers write records under it.
+    with FeatureStore(store_root, config).open() as store:
+        store.write_dataset(dataset["image_id"])
+        return _extract_locked(store, dataset, config, store_root, client, batch_size, progress)
+
+
+def _extract_locked(store, dataset, config, store_root, client, batch_size, progress):
     from distributed import KilledWorker, as_completed
 
-    store = FeatureStore(store_root, config).open()
     summary = ExtractionSummary(store_path=store.path)
     todo, hashes = plan_extraction(dataset, store, summary)
     root = str(Path(store_root).resolve())

@@ -536,25 +536,26 @@ def extract_to_store(
 
     ``dataset`` has columns ``image_id, path, label, group`` (``data.datasets.load_dataset``).
     """
-    store = FeatureStore(store_root, config).open()
-    summary = ExtractionSummary(store_path=store.path)
-    todo, hashes = plan_extraction(dataset, store, summary)
-    if todo:
-        extractor = FeatureExtractor(config, batch_size=batch_size)
-        summary.device = extractor.device
-        start = time.perf_counter()
-        bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=config.backbone)
-        for row, feats, note in iter_image_features(todo, config, extractor, summary):
-            write_image_record(store, row, hashes[row.image_id], feats, note)
-            summary.done.append(row.image_id)
-            if note:
-                summary.unnormalized.append({"image_id": row.image_id, "reason": note})
+    with FeatureStore(store_root, config).open() as store:
+        summary = ExtractionSummary(store_path=store.path)
+        store.write_dataset(dataset["image_id"])
+        todo, hashes = plan_extraction(dataset, store, summary)
+        if todo:
+            extractor = FeatureExtractor(config, batch_size=batch_size)
+            summary.device = extractor.device
+            start = time.perf_counter()
+            bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=config.backbone)
+            for row, feats, note in iter_image_features(todo, config, extractor, summary):
+                write_image_record(store, row, hashes[row.image_id], feats, note)
+                summary.done.append(row.image_id)
+                if note:
+                    summary.unnormalized.append({"image_id": row.image_id, "reason": note})
+                summary.seconds = time.perf_counter() - start
+                bar.update(1)
+                bar.set_postfix(crops_per_s=f"{summary.crops_per_second:.1f}")
+            bar.close()
             summary.seconds = time.perf_counter() - start
-            bar.update(1)
-            bar.set_postfix(crops_per_s=f"{summary.crops_per_second:.1f}")
-        bar.close()
-        summary.seconds = time.perf_counter() - start
-    store.write_skipped(summary.skipped)
+        store.write_skipped(summary.skipped)
     return summary
 
 
