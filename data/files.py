@@ -7,8 +7,10 @@ pipeline), so stores, model directories and checkpoints write and identify files
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import platform
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -105,3 +107,35 @@ def package_version(distribution: str = "breast-histology-pipeline") -> str:
         return version(distribution)
     except Exception:
         return "0+unknown"
+
+
+#: Distributions whose versions change features or predictions; first installed name wins.
+_VERSIONED = {
+    "tensorflow": ("tensorflow", "tensorflow-cpu", "tensorflow-macos", "tf-nightly"),
+    "keras": ("keras",),
+    "numpy": ("numpy",),
+    "opencv": ("opencv-python", "opencv-python-headless", "opencv-contrib-python"),
+    "staintools": ("staintools",),
+    "xgboost": ("xgboost",),
+    "scikit-learn": ("scikit-learn",),
+}
+
+
+@functools.lru_cache(maxsize=1)
+def software_versions() -> dict:
+    """Versions of Python, this package and the libraries the numbers depend on, read from the
+    installed metadata without importing them (``None``: not installed)."""
+    found = {"python": platform.python_version(), "breast-histology-pipeline": package_version()}
+    for name, distributions in _VERSIONED.items():
+        installed = (package_version(d) for d in distributions)
+        found[name] = next((v for v in installed if v != "0+unknown"), None)
+    return found
+
+
+def version_differences(recorded: dict, current: dict | None = None, names=None) -> list[str]:
+    """``"numpy 1.26.4 -> 2.1.0"`` for every library whose version differs from `recorded`
+    (only libraries `recorded` names: an old record without versions gives no difference)."""
+    current = software_versions() if current is None else current
+    names = recorded if names is None else [n for n in names if n in recorded]
+    return [f"{n} {recorded[n]} -> {current.get(n)}" for n in names
+            if n != "breast-histology-pipeline" and recorded.get(n) != current.get(n)]

@@ -28,6 +28,7 @@ truncated or corrupt file, or an unsupported pixel layout - raises
 from __future__ import annotations
 
 import io as _io
+import logging
 import os
 from pathlib import Path
 
@@ -45,6 +46,8 @@ __all__ = [
 
 #: Lower-case file extensions recognised as images (JPEG, PNG, TIFF).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".tif", ".tiff")
+
+log = logging.getLogger(__name__)
 
 # Little-endian, big-endian and BigTIFF signatures.
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
@@ -99,13 +102,23 @@ def list_images(folder: str | os.PathLike) -> list[Path]:
 
     Hidden entries are skipped: names starting with ``.`` or ``__`` anywhere below `folder`
     (macOS ``._x.jpg`` resource forks, ``__MACOSX``) are not data.
+    A name that is not valid UTF-8 is skipped with a warning naming it: it cannot become an
+    image id in a table or a store.
     """
     folder = Path(folder)
-    return sorted(
-        p for p in folder.rglob("*")
-        if is_image_file(p) and not any(part.startswith((".", "__")) for part in p.relative_to(folder).parts)
-        and p.is_file()
-    )
+    found = []
+    for p in folder.rglob("*"):
+        if (not is_image_file(p) or any(part.startswith((".", "__")) for part in p.relative_to(folder).parts)
+                or not p.is_file()):
+            continue
+        try:
+            str(p).encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(p).decode("utf-8", "backslashreplace")
+            log.warning("skipped %s: the file name is not valid UTF-8; rename the file", shown)
+            continue
+        found.append(p)
+    return sorted(found)
 
 
 def read_image(path: str | os.PathLike) -> np.ndarray:

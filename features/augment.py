@@ -103,19 +103,25 @@ def augmented_crops(
     n_crops: int,
     crop_size: int,
     color: ColorAugmentation,
+    start: int = 0,
+    stop: int | None = None,
 ) -> np.ndarray:
     """The ``(n_crops, side, side, 3)`` uint8 crops of one colour augmentation of ``image``.
 
     Augmentation 0 keeps the original colours; all draws come from
-    :func:`augmentation_rng` so the result depends only on the arguments.
+    :func:`augmentation_rng` so the result depends only on the arguments.  ``start`` and
+    ``stop`` select crops ``start:stop`` of the ``n_crops`` (the same draws): extraction takes
+    them a batch at a time, so memory does not grow with ``n_crops`` (400 crops of 750 px
+    would be 644 MiB at once).
     """
     draw = draw_augmentation(
         seed=seed, image_id=image_id, aug_index=aug_index, height=image.shape[0],
         width=image.shape[1], n_crops=n_crops, crop_size=crop_size, color=color,
     )
     side = draw.side
-    crops = np.empty((n_crops, side, side, 3), dtype=np.uint8)
-    for i, (y, x) in enumerate(draw.positions):
+    positions = draw.positions[start:stop]
+    crops = np.empty((len(positions), side, side, 3), dtype=np.uint8)
+    for i, (y, x) in enumerate(positions):
         # Colour-transform only the crop: cheaper than the whole image when crops are small.
         crops[i] = color.apply(image[y : y + side, x : x + side], draw.gain, draw.shift)
     return crops

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 
 from data.files import package_version as installed_version
+from data.files import software_versions
 from features.pooling import POOLINGS
 
 MODES = ("exact", "shared", "whole")
@@ -16,11 +17,11 @@ FEATURE_FORMAT_VERSION = 1
 
 # Recorded for people but left out of the hash: they do not change a single number (the
 # weights are identified by their file hash, whichever way the user named the file).
-_DESCRIPTIVE = ("weights", "weights_file", "package_version")
+_DESCRIPTIVE = ("weights", "weights_file", "package_version", "versions")
 
 # Fields added after format 1, left out of the hash at the value that reproduces what was
 # computed before they existed, so existing stores keep their keys.
-_OMITTED_AT = {"mode": "exact", "precision": "float32"}
+_OMITTED_AT = {"mode": "exact", "precision": "float32", "batch_size": 8}
 
 
 @dataclass(frozen=True)
@@ -44,8 +45,13 @@ class ExtractionConfig:
         ``mixed_bfloat16`` policy (weights stay float32, features are returned as float32).
     stain : Macenko state (``reference``, ``reference_sha256``, ``stain_matrix``,
         ``max_concentrations``) or ``None`` to skip normalisation.
-    seed : root of every random draw.
+    seed : root of every random draw, in ``[0, 2**32)``.
+    batch_size : crops (augmented images in shared/whole mode) per forward pass.  Part of the
+        key: the backbone's arithmetic, hence the last bits of every feature, depends on the
+        batch shape, so a store is extracted, resumed and reproduced (``predict``) with one size.
     color_gain, color_shift : ranges of the colour augmentation (``features.augment``).
+    versions : :func:`software_versions` of the machine that made the config (recorded, not
+        hashed: features depend on them in their last bits, so ``predict`` warns when they differ).
     """
 
     backbone: str = "efficientnet_lite0"
@@ -63,8 +69,10 @@ class ExtractionConfig:
     seed: int = 0
     color_gain: float = 0.1
     color_shift: float = 20.0
+    batch_size: int = 8
     feature_format: int = FEATURE_FORMAT_VERSION
     package_version: str = field(default_factory=installed_version)
+    versions: dict = field(default_factory=lambda: software_versions())
 
     def __post_init__(self):
         checks = [
@@ -79,6 +87,8 @@ class ExtractionConfig:
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),
             (0 <= self.color_shift <= 128, "color_shift must be in [0, 128]"),
+            (isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
+            (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be >= 1"),
         ]
         for ok, message in checks:
             if not ok:
@@ -97,7 +107,8 @@ class ExtractionConfig:
                 f"config has fields this version does not know: {unknown}; it was written by "
                 f"another version of the package ({record.get('package_version', '?')})"
             )
-        return cls(**{k: v for k, v in record.items() if k in known})
+        # A record from before versions were recorded: unknown, not this machine's.
+        return cls(**{"versions": {}, **{k: v for k, v in record.items() if k in known}})
 
     def hashed_dict(self) -> dict:
         return {
@@ -122,4 +133,3 @@ class ExtractionConfig:
     def store_name(self) -> str:
         """Directory name of this config inside a store root."""
         return f"{self.backbone}-{self.config_hash[:12]}"
-

@@ -37,6 +37,7 @@ from features.extract import (
     ExtractionSummary,
     FeatureExtractor,
     Preprocessing,
+    check_batch_size,
     extract_one_image,
     plan_extraction,
     write_image_record,
@@ -155,7 +156,7 @@ def extract_on_dask(
     store_root: Path | str,
     client,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> ExtractionSummary:
     """Extract every image of ``dataset`` not yet in the store, one dask task per image.
@@ -170,7 +171,8 @@ def extract_on_dask(
     config : the resolved extraction config.
     store_root : store root, on a filesystem all workers see under the same path.
     client : a connected ``distributed.Client``.
-    batch_size : crops per forward pass on each worker.
+    batch_size : crops per forward pass on each worker: ``config.batch_size`` (part of the store
+        key); another value is an error.
     progress : show a progress bar.
 
     Raises
@@ -179,10 +181,11 @@ def extract_on_dask(
         The first error of a task other than a dead worker (a wrong weights file on a worker,
         say); the remaining tasks are cancelled and the finished images stay in the store.
     """
+    check_batch_size(config, batch_size)
     # The client holds the store's lock for the whole run; workers write records under it.
     with FeatureStore(store_root, config).open() as store:
         store.write_dataset(dataset["image_id"])
-        return _extract_locked(store, dataset, config, store_root, client, batch_size, progress)
+        return _extract_locked(store, dataset, config, store_root, client, config.batch_size, progress)
 
 
 def _extract_locked(store, dataset, config, store_root, client, batch_size, progress):

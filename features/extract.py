@@ -24,7 +24,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from data.io import ImageReadError, read_image
-from features.augment import ColorAugmentation, augmented_crops, draw_augmentation
+from features.augment import ColorAugmentation, augmented_crops, draw_augmentation, effective_crop_size
 from features.feature_maps import pool_windows
 from data.files import file_sha256
 from features.backbones import get_backbone, resolve_weights, weights_sha256
@@ -63,11 +63,12 @@ def make_config(
     (``crops``, ``crop_size``, ``pooling``) are ignored and recorded as 1, 0 and ``"mean"``.
     """
     spec = get_backbone(backbone)
-    weights_file = resolve_weights(spec, weights)
-    scale = options.get("scale", ExtractionConfig.scale)
     if options.get("mode") == "whole":
         # No crops: the crop options mean nothing, so they must not split the store key.
         options = {**options, "crops": 1, "crop_size": 0, "pooling": "mean"}
+    ExtractionConfig(backbone=backbone, **options)  # bad values fail here, before any image is read
+    weights_file = resolve_weights(spec, weights)
+    scale = options.get("scale", ExtractionConfig.scale)
     if stain_reference is None or str(stain_reference).lower() == "none":
         stain = None
     elif str(stain_reference).lower() == "auto":
@@ -104,20 +105,23 @@ def backbone_options(backbone: str, *, weights: str = "imagenet", stain_referenc
             raise ValueError("--two-stage-model is for --backbone two_stage")
         if stain_reference is not None and stain_reference.lower() == "model":
             raise ValueError("--stain-reference model is for --backbone two_stage")
-        return weights, stain_reference or "auto", crop_size or d.crop_size, scale or d.scale, None
+        # "is None", not "or": 0 is a value to reject (ExtractionConfig), not to replace
+        return (weights, stain_reference or "auto", d.crop_size if crop_size is None else crop_size,
+                d.scale if scale is None else scale, None)
     if two_stage_model is None:
         raise ValueError(f"--backbone {backbone} needs --two-stage-model MODEL_DIR (a trained two-stage model)")
     if weights != "imagenet":
         raise ValueError(f"--backbone {backbone} takes its weights from --two-stage-model, not --weights")
     model = spec.extraction_defaults(Path(two_stage_model))
-    scale = scale or model["scale"]
+    scale = model["scale"] if scale is None else scale
     if scale != model["scale"]:
         log.warning("extracting at scale %s, but the two-stage model was trained at scale %s",
                     scale, model["scale"])
     stain, model_stain = stain_reference or "model", None
     if stain.lower() == "model":
         stain, model_stain = "none", model.get("stain")
-    return str(two_stage_model), stain, crop_size or model["crop_size"], scale, model_stain
+    return (str(two_stage_model), stain, model["crop_size"] if crop_size is None else crop_size, scale,
+            model_stain)
 
 
 def describe_device() -> str:
@@ -171,13 +175,16 @@ class FeatureExtractor:
     Parameters
     ----------
     config : the resolved extraction config.
-    batch_size : crops per forward pass; the last batch of an image is zero-padded.
+    batch_size : crops per forward pass; the last batch of an image is zero-padded.  Default:
+        the config's, with which the store's features were computed (another size changes
+        their last bits).
     """
 
-    def __init__(self, config: ExtractionConfig, batch_size: int = 8):
+    def __init__(self, config: ExtractionConfig, batch_size: int | None = None):
         import keras
         import tensorflow as tf
 
+        batch_size = config.batch_size if batch_size is None else batch_size
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         self.config, self.batch_size = config, batch_size
@@ -197,6 +204,11 @@ class FeatureExtractor:
         try:
             with _private_keras_seeds(config.seed):
                 self.model = self.spec.build(weights_file)
+        except Exception as exc:  # torch_legacy / h5py / keras raise many types on a bad file
+            if weights_file is None or isinstance(exc, MemoryError):
+                raise
+            raise ValueError(f"cannot load the {config.backbone} weights file {weights_file}: "
+                             f"{type(exc).__name__}: {exc}") from exc
         finally:
             keras.config.set_dtype_policy(previous)
         self.device = describe_device()
@@ -335,20 +347,37 @@ class Preprocessing:
 
     normalizer: MacenkoNormalizer | None
     color: ColorAugmentation
+    min_input: int = 1  # the backbone's smallest input side
 
     @classmethod
     def from_config(cls, config: ExtractionConfig) -> "Preprocessing":
         normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
-        return cls(normalizer, ColorAugmentation(config.color_gain, config.color_shift))
+        return cls(normalizer, ColorAugmentation(config.color_gain, config.color_shift),
+                   get_backbone(config.backbone).min_input)
+
+
+def _too_small(image: np.ndarray, config: ExtractionConfig, min_input: int) -> str | None:
+    """Why the backbone cannot take this (scaled) image, else None: skipped like an unreadable one."""
+    h, w = image.shape[:2]
+    side = min(h, w) if config.mode == "whole" else effective_crop_size(h, w, config.crop_size)
+    if side >= min_input:
+        return None
+    return (f"too small: {w}x{h} pixels at scale {config.scale} give a side of {side}, below "
+            f"{config.backbone}'s minimum input {min_input}")
 
 
 def _image_items(row, config: ExtractionConfig, prep: Preprocessing):
-    """One image's prepared work: ``('aug', i, payload)`` per augmentation then ``('end', note)``,
-    or a single ``('error', reason)`` when the file cannot be read."""
+    """One image's prepared work: ``('aug', i, payload)`` items then ``('end', note)``, or a
+    single ``('error', reason)`` when the file cannot be read or is too small for the backbone.
+    In exact mode the payloads are an augmentation's crops in arrays of ``batch_size`` at most,
+    so memory does not grow with the number of crops."""
     try:
         image = scale_image(read_image(row.path), config.scale)
     except ImageReadError as exc:
         yield ("error", exc.reason)
+        return
+    if (reason := _too_small(image, config, prep.min_input)) is not None:
+        yield ("error", reason)
         return
     note = None
     if prep.normalizer is not None:
@@ -365,11 +394,11 @@ def _image_items(row, config: ExtractionConfig, prep: Preprocessing):
             windows = draw.windows if config.mode == "shared" else None
             yield ("aug", aug, (color.apply(image, draw.gain, draw.shift), windows))
             continue
-        crops = augmented_crops(
-            image, seed=config.seed, image_id=row.image_id, aug_index=aug,
-            n_crops=config.crops, crop_size=config.crop_size, color=color,
-        )
-        yield ("aug", aug, crops)
+        for start in range(0, config.crops, config.batch_size):
+            yield ("aug", aug, augmented_crops(
+                image, seed=config.seed, image_id=row.image_id, aug_index=aug, n_crops=config.crops,
+                crop_size=config.crop_size, color=color, start=start, stop=start + config.batch_size,
+            ))
     yield ("end", note)
 
 
@@ -384,11 +413,13 @@ class _PooledImage:
         else:
             self.batcher = MapBatcher(extractor, per_image=config.augmentations)
 
-    def add(self, payload) -> None:
+    def add(self, payload) -> int:
+        """Add one item's payload; returns the crops (augmented images in whole mode) it held."""
         if self.config.mode != "exact":
             self.batcher.add(*payload)
-        else:
-            self.batcher.add(payload)
+            return self.config.crops
+        self.batcher.add(payload)
+        return len(payload)
 
     def finish(self) -> np.ndarray:
         crop_features = self.batcher.finish().reshape(self.config.augmentations, self.config.crops, -1)
@@ -429,8 +460,7 @@ def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtrac
             if kind == "start":
                 row, pooled = item[1], _PooledImage(config, extractor)
             elif kind == "aug":
-                pooled.add(item[2])
-                summary.crops += config.crops
+                summary.crops += pooled.add(item[2])
             elif kind == "end":
                 yield row, pooled.finish(), item[1]
             elif kind == "error":
@@ -484,8 +514,7 @@ def extract_one_image(row, config: ExtractionConfig, extractor: FeatureExtractor
         if item[0] == "error":
             return ImageFeatures(None, skip_reason=item[1])
         if item[0] == "aug":
-            pooled.add(item[2])
-            crops += config.crops
+            crops += pooled.add(item[2])
         else:
             return ImageFeatures(pooled.finish(), stain_note=item[1], crops=crops)
     raise AssertionError("unreachable: _image_items always ends with 'end' or 'error'")
@@ -529,13 +558,15 @@ def extract_to_store(
     config: ExtractionConfig,
     store_root: Path | str,
     *,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = True,
 ) -> ExtractionSummary:
     """Extract every image of ``dataset`` not yet in the store; resumable and atomic per image.
 
     ``dataset`` has columns ``image_id, path, label, group`` (``data.datasets.load_dataset``).
+    ``batch_size`` is ``config.batch_size`` (part of the store key); another value is an error.
     """
+    check_batch_size(config, batch_size)
     with FeatureStore(store_root, config).open() as store:
         summary = ExtractionSummary(store_path=store.path)
         store.write_dataset(dataset["image_id"])
@@ -559,11 +590,20 @@ def extract_to_store(
     return summary
 
 
+def check_batch_size(config: ExtractionConfig, batch_size: int | None) -> None:
+    """A batch size given next to a config must be the config's (it changes the features)."""
+    if batch_size is not None and batch_size != config.batch_size:
+        raise ValueError(f"batch_size {batch_size} differs from the config's {config.batch_size}; the batch "
+                         "size changes the last bits of the features, so it is part of the config: "
+                         "make_config(..., batch_size=N)")
+
+
 def extract_in_memory(
-    dataset: pd.DataFrame, config: ExtractionConfig, *, batch_size: int = 8,
+    dataset: pd.DataFrame, config: ExtractionConfig, *, batch_size: int | None = None,
     progress: bool = False,
 ) -> tuple[FeatureTable, ExtractionSummary]:
-    """Extract features without a store (prediction on new images)."""
+    """Extract features without a store (prediction on new images), with ``config.batch_size``
+    unless ``batch_size`` is given."""
     extractor = FeatureExtractor(config, batch_size=batch_size)
     summary = ExtractionSummary(device=extractor.device)
     rows, blocks = [], []

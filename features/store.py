@@ -23,6 +23,7 @@ import json
 import logging
 import pickle
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +33,7 @@ import pandas as pd
 from filelock import FileLock, Timeout
 from joblib.numpy_pickle import NumpyArrayWrapper, NumpyUnpickler
 
-from data.files import atomic_write, atomic_write_text, remove_temporaries
+from data.files import atomic_write, atomic_write_text, remove_temporaries, version_differences
 from features.config import ExtractionConfig
 
 log = logging.getLogger(__name__)
@@ -183,9 +184,11 @@ class FeatureStore:
         self.path = Path(root) / config.store_name
         self.images_dir = self.path / "images"
         self._lock = None
+        self._created = False
 
     def open(self) -> "FeatureStore":
         """Create the directory (or check an existing one has the same config) and lock it."""
+        self._created = not self.path.exists()
         self.images_dir.mkdir(parents=True, exist_ok=True)
         lock = FileLock(self.path / LOCK_FILE, timeout=0)
         try:
@@ -200,8 +203,15 @@ class FeatureStore:
             record = {**self.config.to_dict(), "config_hash": self.config.config_hash}
             config_file = self.path / "config.json"
             if config_file.exists():
-                if read_config(self.path).get("config_hash") != self.config.config_hash:
+                existing = read_config(self.path)
+                if existing.get("config_hash") != self.config.config_hash:
                     raise StoreError(f"{config_file} belongs to another config; refusing to mix")
+                # The store keeps the versions it was started with; a resume under others is said.
+                record["versions"] = existing.get("versions", {})
+                if changed := version_differences(record["versions"], self.config.versions):
+                    log.warning("%s was started with other library versions (%s): features of the images "
+                                "extracted now may differ from the others in their last bits",
+                                self.path, ", ".join(changed))
             atomic_write_text(config_file, json.dumps(record, indent=2))
             remove_temporaries(self.images_dir)  # left by a killed run; we hold the lock
         except BaseException:
@@ -218,8 +228,12 @@ class FeatureStore:
     def __enter__(self) -> "FeatureStore":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, exc, tb) -> None:
         self.close()
+        if exc_type is not None and self._created and not any(self.images_dir.glob("*.joblib")):
+            # A run that failed before its first record (bad weights file, ...) leaves no empty
+            # store behind to make "--features ROOT" ambiguous.
+            shutil.rmtree(self.path, ignore_errors=True)
 
     def write_dataset(self, image_ids) -> None:
         """Record the image ids of this extraction's data set: readers use only these."""

@@ -78,7 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Macenko reference image; 'auto' (default) picks the most typical of up to 16 "
                    "dataset images; 'none' disables stain normalisation; 'model' (default with "
                    "two_stage) uses the two-stage model's own normalisation, or none if it had none")
-    p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="crops per forward pass; part of the store key, as it changes the last bits of "
+                   "the features (predict uses the model's)")
     p.add_argument("--seed", type=int, default=d.seed, help="root of all random draws")
     p.add_argument("--dask", metavar="SCHEDULER_ADDRESS",
                    help="run one task per image on a dask.distributed cluster (tcp://HOST:PORT), "
@@ -116,15 +118,14 @@ def main(argv: list[str] | None = None) -> int:
                 stain_reference=stain_reference, augmentations=options.augmentations,
                 crops=options.crops, crop_size=crop_size, scale=scale,
                 pooling=options.pooling, mode=options.mode, precision=options.precision,
-                seed=options.seed,
+                seed=options.seed, batch_size=options.batch_size,
             )
             if model_stain is not None:
                 config = replace(config, stain=model_stain)
             if args.dask:
                 summary = _extract_on_dask(args, dataset, config)
             else:
-                summary = extract_to_store(dataset, config, args.out, batch_size=args.batch_size,
-                                           progress=not args.quiet)
+                summary = extract_to_store(dataset, config, args.out, progress=not args.quiet)
             print(report(summary, config), flush=True)
     except (DatasetError, WeightsNotFoundError, StainNormalizationError, StoreError,
             ValueError) as exc:
@@ -157,8 +158,7 @@ def _extract_on_dask(args, dataset, config):
         # Workers are fresh processes: import classifiers there too, which registers the trained
         # backbones (two_stage) with the registry.
         client.run(importlib.import_module, "classifiers")
-        return extract_on_dask(dataset, config, args.out, client, batch_size=args.batch_size,
-                               progress=not args.quiet)
+        return extract_on_dask(dataset, config, args.out, client, progress=not args.quiet)
 
 
 def report(summary, config) -> str:

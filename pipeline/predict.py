@@ -51,7 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
     p.add_argument("--weights", action="append", type=_weights_pair, default=[], metavar="BACKBONE=FILE",
                    help="use this weights file for a backbone (it must have the sha256 the model records)")
-    p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="crops per forward pass (default: the model's, which reproduces its features "
+                   "bit for bit)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 

@@ -36,6 +36,7 @@ from matplotlib.figure import Figure
 
 from classifiers.evaluation.cross_validation import CVResult
 from classifiers.evaluation.metrics import METRIC_CONVENTIONS, roc_per_class, run_metrics
+from data.files import software_versions
 
 
 def summarize(result: CVResult) -> dict:
@@ -74,10 +75,12 @@ def summarize(result: CVResult) -> dict:
                 "backbone": cfg.get("backbone"),
                 "config_hash": cfg.get("config_hash"),
                 "n_features": int(X.shape[1]),
+                "versions": cfg.get("versions", {}),  # of the machine that extracted the store
             }
             for name, cfg, X in zip(dataset.store_names, dataset.store_configs, dataset.X)
         ],
         "classes": list(dataset.classes),
+        "versions": software_versions(),  # of the machine that ran the cross-validation
         "absent_classes": list(dataset.absent_classes),
         "n_images": int(len(dataset.images)),
         "n_rows": int(len(dataset.meta)),

@@ -32,7 +32,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data.files import atomic_directory, file_sha256, package_version
+from data.files import atomic_directory, file_sha256, package_version, software_versions
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, fit_run_model
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
@@ -127,6 +127,9 @@ class TrainedModel:
         Images and rows used, images per class, seed.
     package_version : str
         Version of this package that trained the model.
+    versions : dict
+        :func:`data.files.software_versions` of the training machine (``model.json``
+        ``versions``); each store's config holds those of its extraction.
     format_version : int
     """
 
@@ -142,6 +145,7 @@ class TrainedModel:
     training: dict = field(default_factory=dict)
     package_version: str = ""
     format_version: int = MODEL_FORMAT_VERSION
+    versions: dict = field(default_factory=dict)
 
     @property
     def classes(self) -> tuple:
@@ -216,6 +220,7 @@ def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> Trai
             **training,
         },
         package_version=package_version(),
+        versions=software_versions(),
     )
 
 
@@ -316,6 +321,7 @@ def model_record(model: TrainedModel, estimator_files: list) -> dict:
         "format_version": MODEL_FORMAT_VERSION,
         "package_version": model.package_version or package_version(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "versions": model.versions or software_versions(),
         "scheme": model.scheme,
         "classes": list(model.classes),
         "absent_classes": list(model.absent_classes),
@@ -476,4 +482,5 @@ def _load_checked(model_dir: Path, record: dict) -> TrainedModel:
         training=record.get("training", {}),
         package_version=made_by,
         format_version=record["format_version"],
+        versions=dict(record.get("versions") or {}),
     )

@@ -192,7 +192,29 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
             f"--weights given for {sorted(weights)}, which the model does not use "
             f"(its backbones: {', '.join(c.backbone for c in configs)})"
         )
+    warn_version_differences(model, configs)
     return configs
+
+
+#: Libraries that change the features (extraction) and the classifier's arithmetic (training).
+FEATURE_LIBRARIES = ("tensorflow", "keras", "numpy", "opencv", "staintools")
+CLASSIFIER_LIBRARIES = ("xgboost", "scikit-learn", "numpy")
+
+
+def warn_version_differences(model: TrainedModel, configs) -> list[str]:
+    """Log (and return) every library whose version here differs from the one that extracted a
+    store's features or trained the model: the predictions may then differ in their last digits."""
+    from data.files import version_differences
+
+    notes = []
+    for name, config in zip(model.store_names, configs):
+        if changed := version_differences(config.versions, names=FEATURE_LIBRARIES):
+            notes.append(f"store {name!r} was extracted with other versions: {', '.join(changed)}")
+    if changed := version_differences(model.versions, names=CLASSIFIER_LIBRARIES):
+        notes.append(f"the model was trained with other versions: {', '.join(changed)}")
+    for note in notes:
+        log.warning("%s; features and probabilities may differ slightly from the training machine's", note)
+    return notes
 
 
 def _same_config(config, record: dict) -> bool:
@@ -249,7 +271,7 @@ def predict_images(
     paths,
     *,
     weights: dict | None = None,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     progress: bool = False,
 ) -> PredictionResult:
     """Extract, classify and vote every image of ``paths``.
@@ -262,8 +284,9 @@ def predict_images(
         Image files; each path as given is the image's id (see the module docstring).
     weights : dict, optional
         ``{backbone: file}`` to use instead of the default location of the weights.
-    batch_size : int, default=8
-        Crops per forward pass.
+    batch_size : int, optional
+        Crops per forward pass; default: each store's own (its config's ``batch_size``), which
+        reproduces the training features bit for bit.  Another value changes their last bits.
     progress : bool, default=False
         Show a progress bar per store.
 
@@ -287,6 +310,9 @@ def predict_images(
         if frame.empty:
             break
         log.info("store %s: %s, %s, %d images", name, config.backbone, config.sampling, len(frame))
+        if batch_size is not None and batch_size != config.batch_size:
+            log.warning("store %s was extracted with batch size %d; batch size %d changes the last bits "
+                        "of the features", name, config.batch_size, batch_size)
         table, summary = extract_in_memory(frame, config, batch_size=batch_size, progress=progress)
         device = summary.device
         if summary.skipped:

@@ -32,6 +32,7 @@ from pipeline import train as train_cli  # noqa: E402
 from conftest import TINY_PROTOCOL
 
 BATCH = 3  # crops per forward pass: 4 crops per image, so the last batch is padded
+SMALL = {**TINY_PROTOCOL, "batch_size": BATCH}  # the batch size is part of the store key
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def client():
 
 @pytest.fixture(scope="module")
 def config(tiny_dataset):
-    return make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **TINY_PROTOCOL)
+    return make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **SMALL)
 
 
 @pytest.fixture(scope="module")

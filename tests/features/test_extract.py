@@ -23,6 +23,7 @@ from pipeline import extract as cli
 from conftest import TINY_PROTOCOL
 
 ROOT = Path(__file__).resolve().parents[2]
+SMALL = {**TINY_PROTOCOL, "batch_size": 3}  # the batch size of every extract_to_store below
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def dataset(tiny_dataset):
 
 @pytest.fixture(scope="module")
 def config(dataset):
-    return make_config(dataset, backbone="efficientnet_lite0", weights=None, **TINY_PROTOCOL)
+    return make_config(dataset, backbone="efficientnet_lite0", weights=None, **SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_rerun_does_no_work_and_is_bit_identical(clean_store, dataset, config, t
 def test_changed_config_gets_its_own_store(clean_store, dataset, config):
     root, summary = clean_store
     for change in ({"seed": 1}, {"pooling": "max"}, {"crop_size": 40}, {"stain_reference": "none"}):
-        options = {**TINY_PROTOCOL, "seed": 0, **change}
+        options = {**SMALL, "seed": 0, **change}
         changed = make_config(dataset, backbone="efficientnet_lite0", weights=None, **options)
         assert changed.config_hash != config.config_hash, change
     assert FeatureStore(root, config).path == summary.store_path
@@ -222,7 +223,7 @@ def test_cli_runs_and_reports(dataset_dir, tmp_path, capsys):
 def test_shared_mode_is_its_own_reproducible_store(dataset, config, clean_store, tmp_path):
     from dataclasses import replace
 
-    shared = replace(config, mode="shared")
+    shared = replace(config, mode="shared", batch_size=2)
     assert shared.config_hash != config.config_hash
     first = extract_to_store(dataset, shared, tmp_path / "a", batch_size=2, progress=False)
     extract_to_store(dataset, shared, tmp_path / "b", batch_size=2, progress=False)
