@@ -36,6 +36,7 @@ from data.files import atomic_directory, file_sha256, package_version, software_
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, fit_run_model
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
+from classifiers.feature.booster_check import BoosterFormatError, check_booster_json
 
 #: Version of the model-directory layout; a directory of another version is refused.
 MODEL_FORMAT_VERSION = 1
@@ -248,13 +249,21 @@ def load_xgboost(path: Path, classes, params: dict, n_features: int) -> XGBoostF
         machine predicting may have no GPU, and the trees are the same on either device.
     n_features : int
         Feature count checked on every ``predict_proba``.
+
+    The trees are checked (:func:`classifiers.feature.booster_check.check_booster_json`) before XGBoost
+    parses the same bytes: a crafted file must not crash or hang the process.
     """
     import xgboost
 
+    raw = Path(path).read_bytes()
+    try:
+        check_booster_json(raw, int(n_features), len(classes), str(path))
+    except BoosterFormatError as exc:
+        raise ModelFormatError(str(exc)) from None
     known = XGBoostFeatureClassifier().get_params()
     wrapper = XGBoostFeatureClassifier(**{**{k: v for k, v in params.items() if k in known}, "device": "cpu"})
     booster = xgboost.XGBClassifier()
-    booster.load_model(str(path))
+    booster.load_model(bytearray(raw))
     booster.set_params(device="cpu", n_jobs=wrapper.n_jobs)
     if int(booster.n_classes_) != len(classes):
         raise ModelFormatError(f"{path.name}: the booster has {booster.n_classes_} classes but model.json lists "

@@ -1,0 +1,95 @@
+"""Issue 13: model directories safe to load from others (items 2, 4)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from features.config import ExtractionConfig
+from features.store import FeatureTable
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = ("normal", "benign", "insitu", "invasive")
+
+
+def _table(n_per_class=6, n_aug=2, seed=0):
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for ci, cls in enumerate(CLASSES):
+        for i in range(n_per_class):
+            centre = rng.normal(size=4)
+            centre[ci] += 3
+            for aug in range(n_aug):
+                rows.append((f"{cls}/{i}.png", cls, f"{cls}{i}", aug, f"/d/{cls}/{i}.png", None))
+                X.append(centre + rng.normal(scale=0.2, size=4))
+    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path", "stain_note"])
+    config = ExtractionConfig(weights="none")
+    return FeatureTable(meta=meta, X=np.asarray(X, np.float32),
+                        config={**config.to_dict(), "config_hash": config.config_hash})
+
+
+@pytest.fixture(scope="module")
+def xgb_dir(tmp_path_factory):
+    from classifiers.dataset import build_dataset
+    from classifiers.model_io import TrainConfig, save_model, train_model
+
+    config = TrainConfig(classifier="xgboost", n_jobs=1, device="cpu")
+    model = train_model(build_dataset([_table()], "bach4"), config)
+    return save_model(model, tmp_path_factory.mktemp("m") / "xgb")
+
+
+def _tampered(xgb_dir, tmp_path, edit):
+    """A copy of the model whose booster is edited, with its sha256 recomputed in model.json."""
+    import shutil
+
+    out = tmp_path / "tampered"
+    shutil.copytree(xgb_dir, out)
+    booster = json.loads((out / "estimator-0.json").read_text())
+    edit(booster["learner"]["gradient_booster"]["model"]["trees"][0])
+    raw = json.dumps(booster).encode()
+    (out / "estimator-0.json").write_bytes(raw)
+    record = json.loads((out / "model.json").read_text())
+    record["estimators"][0]["sha256"] = hashlib.sha256(raw).hexdigest()
+    (out / "model.json").write_text(json.dumps(record))
+    return out
+
+
+def _load_and_predict(model_dir):
+    # In a child process: a booster that crashes XGBoost must fail this test, not kill pytest.
+    script = textwrap.dedent(f"""
+        import numpy as np
+        from classifiers.model_io import ModelFormatError, load_model
+        try:
+            model = load_model({str(model_dir)!r})
+        except ModelFormatError as exc:
+            print("refused:", exc)
+        else:
+            print("loaded", model.fitted.predict_proba([np.zeros((3, 4), np.float32)]).shape)
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t["split_indices"].__setitem__(0, 10**6), "splits on feature 1000000"),
+    (lambda t: t["left_children"].__setitem__(0, 10**6), "outside 0.."),
+    (lambda t: t["left_children"].__setitem__(0, 0), "reached twice"),
+])
+def test_crafted_booster_is_refused_before_xgboost_reads_it(xgb_dir, tmp_path, edit, message):
+    done = _load_and_predict(_tampered(xgb_dir, tmp_path, edit))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "refused:" in done.stdout and message in done.stdout and "estimator-0.json" in done.stdout
+
+
+def test_honest_booster_still_loads(xgb_dir):
+    done = _load_and_predict(xgb_dir)
+    assert done.returncode == 0 and "loaded (3, 4)" in done.stdout, done.stderr[-2000:]
