@@ -93,3 +93,29 @@ def test_crafted_booster_is_refused_before_xgboost_reads_it(xgb_dir, tmp_path, e
 def test_honest_booster_still_loads(xgb_dir):
     done = _load_and_predict(xgb_dir)
     assert done.returncode == 0 and "loaded (3, 4)" in done.stdout, done.stderr[-2000:]
+
+
+def test_model_json_cannot_make_predict_read_a_local_file(xgb_dir, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    from features import backbones
+    from pipeline import predict as predict_cli
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(xgb_dir, model_dir)
+    record = json.loads((model_dir / "model.json").read_text())
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for others\n")
+    store = record["stores"][0]["config"]
+    store.update(weights=str(secret), weights_file=str(secret), weights_sha256="0" * 64)
+    store["config_hash"] = ExtractionConfig.from_dict(store).config_hash  # a consistent crafted model
+    (model_dir / "model.json").write_text(json.dumps(record))
+    opened = []
+    real = backbones.file_sha256
+    monkeypatch.setattr(backbones, "file_sha256", lambda path, *a: (opened.append(str(path)), real(path, *a))[1])
+    image = tmp_path / "x.png"
+    image.write_bytes(b"never read")
+    assert predict_cli.main(["--model", str(model_dir), str(image), "--out", str(tmp_path / "p.csv")]) == 2
+    err = capsys.readouterr().err
+    assert hashlib.sha256(secret.read_bytes()).hexdigest() not in err and str(secret) not in opened
+    assert "--weights efficientnet_lite0=FILE" in err

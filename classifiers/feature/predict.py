@@ -111,6 +111,14 @@ def check_weights(config, store_name: str, weights_override: str | None = None) 
     spec = get_backbone(config.backbone)
     if config.weights_sha256 is None and weights_override is None:
         return None  # random initialisation seeded by config.seed: reproducible anywhere
+    if weights_override is None and str(config.weights).lower() not in ("imagenet", "none"):
+        # model.json comes from someone else: a path in it is never opened (it could name any
+        # local file, whose digest the error would print); only the registry's file or --weights.
+        raise ModelCompatibilityError(
+            f"store {store_name!r} ({config.backbone}): the model was made with the weights file "
+            f"{config.weights}; predict reads only the registry's weights or a file given with --weights. "
+            + _weights_advice(spec, config, None)
+        )
     try:
         local = resolve_weights(spec, weights_override or config.weights)
     except WeightsNotFoundError as exc:
