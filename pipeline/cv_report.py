@@ -76,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", metavar="DIR_OR_CSV",
                         help="image folder or manifest for --classifier two_stage (with --features: the "
                         "same images, which then share one fold assignment)")
-    parser.add_argument("--out", required=True, metavar="REPORT_DIR", help="directory for the report files")
+    parser.add_argument("--out", required=True, metavar="REPORT_DIR",
+                        help="directory for the report files; written into a temporary directory and "
+                        "swapped in at the end, so a failed run leaves the previous report untouched")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an existing report at --out (never any other non-empty directory)")
     parser.add_argument("--labels", default="bach4", choices=SCHEME_CHOICES,
                         help="label scheme to report in (default bach4); bach4 stores map to bmc3/binary")
     parser.add_argument("--folds", type=int, default=6, help="number of grouped folds (default 6)")
@@ -205,6 +209,10 @@ def main(argv=None) -> dict:
     from classifiers.evaluation.report import write_report
 
     try:
+        check_report_out(args.out, args.overwrite)  # before any work
+    except FileExistsError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    try:
         paths = args.features or ()
         if args.preset:
             paths = select_stores(get_preset(args.preset), paths)
@@ -223,7 +231,7 @@ def main(argv=None) -> dict:
     except (InputDataError, StoreError, PresetStoreError, DeviceUnavailableError, FileNotFoundError,
             ValueError) + _TWO_STAGE_ERRORS as exc:
         parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    written = write_report(result, args.out)
+    written = write_report_dir(args.out, lambda tmp: write_report(result, tmp))
     for name, run in written["summary"]["runs"].items():
         maj = run["majority"]
         logger.info(
@@ -239,9 +247,39 @@ def _repeated(dataset, config: CVConfig, seeds, out) -> dict:
     """One report per fold seed under ``out/seed-S`` and the table over seeds in ``out``."""
     from classifiers.evaluation.repeated import write_repeated_report
 
-    written = write_repeated_report(dataset, config, seeds, out)
+    written = write_report_dir(out, lambda tmp: write_repeated_report(dataset, config, seeds, tmp))
     print(written["markdown"], end="")
     logger.info("report written to %s (%d files)", out, len(written["files"]))
+    return written
+
+
+#: Left in REPORT_DIR by an interrupted two-stage run, to resume: not a report, kept in the new one.
+RESUMABLE = ("two_stage_folds",)
+
+
+def _is_report(path: Path) -> bool:
+    return (path / "metrics.json").is_file() or (path / "ensemble.csv").is_file()
+
+
+def check_report_out(out, overwrite: bool) -> Path:
+    """Refuse, before any work, an ``--out`` that is a file, or a non-empty directory without
+    ``--overwrite`` (or with it, when it is not a report)."""
+    from data.files import check_output_dir
+
+    return check_output_dir(out, overwrite=overwrite, is_ours=_is_report, what="report",
+                            resumable=RESUMABLE)
+
+
+def write_report_dir(out, write) -> dict:
+    """Write the report with ``write(tmp)`` into a temporary directory and swap it into ``out``:
+    a full disk or an interrupt leaves the previous report whole, and no stale file of it
+    survives in the new one.  Paths in the returned ``files`` are those under ``out``."""
+    from data.files import atomic_directory
+
+    with atomic_directory(out, keep=RESUMABLE) as tmp:
+        written = write(tmp)
+    tmp, out = str(tmp), str(Path(out))
+    written["files"] = [out + f[len(tmp):] if f.startswith(tmp) else f for f in written["files"]]
     return written
 
 

@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from features.store import StoreError
 
     try:
+        if args.out.exists() and not args.out.is_dir():
+            raise ValueError(f"--out {args.out} is a file; the store root must be a directory")
         stores = store_options(args)  # option clashes fail before any data is read or written
         source = args.data
         if source == SYNTHETIC:

@@ -67,6 +67,11 @@ def main(argv=None) -> int:
     from classifiers.feature.predict import ModelCompatibilityError, predict_images, reproducible_configs
 
     prog = "python -m pipeline.predict"
+    try:
+        check_csv_out(args.out)  # before any work
+    except ValueError as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return 2
     if is_two_stage_model(args.model):
         return _main_two_stage(args, prog)
     try:
@@ -79,6 +84,18 @@ def main(argv=None) -> int:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     return _write(result, skipped + result.skipped, paths, args.out, prog)
+
+
+def check_csv_out(out) -> None:
+    """``--out`` must be a file path whose folder exists or can be created."""
+    path = os.path.abspath(out)
+    if os.path.isdir(path):
+        raise ValueError(f"--out {out} is a directory; give a CSV file path, e.g. {os.path.join(out, 'predictions.csv')}")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
 
 
 def _inputs(images):

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     from classifiers.evaluation.cv_dataset import InputDataError, build_dataset
-    from classifiers.feature.model_io import TrainConfig, save_model, train_model
+    from classifiers.feature.model_io import TrainConfig, check_model_out, save_model, train_model
     from classifiers.feature.estimators import DeviceUnavailableError
     from features.store import StoreError, exclude_images, load_store
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
                          seed=args.seed, n_jobs=args.n_jobs, device=args.device,
                          tune=args.tune or bool(preset and preset.tune))
     try:
+        check_model_out(args.out, overwrite=args.overwrite)  # before any work
         config.validate()
         if args.dask and config.classifier != "xgboost":
             raise ValueError(f"--dask trains xgboost only; train {config.classifier} without --dask")

@@ -16,7 +16,8 @@ Layout::
 
 There is one estimator per feature block: one for a single store or ``concat`` fusion, one
 per store for ``mean-proba`` fusion (as in :mod:`classifiers.evaluation.cross_validation`).  The directory is
-written to a temporary sibling and renamed, so an interrupted ``train`` leaves no half model.
+written to a temporary sibling, synced and swapped into place, so an interrupted ``train`` leaves
+the old model or the new one, never half a model or none.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 
-from data.files import atomic_directory, file_sha256, package_version, software_versions
+from data.files import atomic_directory, check_output_dir, file_sha256, package_version, software_versions
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, fit_run_model
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
@@ -356,8 +357,22 @@ def model_record(model: TrainedModel, estimator_files: list) -> dict:
     }
 
 
+def is_model_dir(path: Path) -> bool:
+    """Whether ``path`` holds a model directory (what ``--overwrite`` may replace)."""
+    return (Path(path) / MODEL_FILE).is_file()
+
+
+def check_model_out(out_dir: Path | str, *, overwrite: bool = False) -> Path:
+    """Refuse, before training, an ``--out`` that :func:`save_model` could not replace."""
+    return check_output_dir(out_dir, overwrite=overwrite, is_ours=is_model_dir, what="model directory")
+
+
 def save_model(model: TrainedModel, out_dir: Path | str, *, overwrite: bool = False) -> Path:
     """Write ``model`` as a model directory; returns its path.
+
+    The directory is written into a hidden sibling, synced and swapped into place
+    (:func:`data.files.atomic_directory`): an interrupt or a power loss leaves the old model
+    or the new one, and the old one is deleted only once the new one is in place.
 
     Parameters
     ----------
@@ -367,12 +382,7 @@ def save_model(model: TrainedModel, out_dir: Path | str, *, overwrite: bool = Fa
     overwrite : bool, default=False
         Replace an existing *model* directory (never any other non-empty directory).
     """
-    out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite")
-        if not (out / MODEL_FILE).is_file():
-            raise FileExistsError(f"{out} exists and is not a model directory; refusing to replace it")
+    out = check_model_out(out_dir, overwrite=overwrite)
     with atomic_directory(out) as tmp:
         files = []
         for k, est in enumerate(model.fitted.estimators):
