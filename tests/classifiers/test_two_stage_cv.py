@@ -126,7 +126,8 @@ def test_rerun_reuses_finished_folds_and_refuses_another_config(report, data_dir
         raise AssertionError("a finished fold was retrained")
 
     monkeypatch.setattr(TwoStageModel, "fit", no_training)
-    cv_report.main(["--data", str(data_dir), "--out", str(copy), *COMMON])  # two_stage only
+    # A finished report is replaced only with --overwrite; its finished folds are reused.
+    cv_report.main(["--data", str(data_dir), "--out", str(copy), "--overwrite", *COMMON])  # two_stage only
     before = pd.read_csv(report / "predictions.csv")
     after = pd.read_csv(copy / "predictions.csv")
     assert list(dict.fromkeys(after["model"])) == TWO_STAGE_NAMES
@@ -134,13 +135,13 @@ def test_rerun_reuses_finished_folds_and_refuses_another_config(report, data_dir
     pd.testing.assert_frame_equal(after.drop(columns="stores"), mine.drop(columns="stores"))
     # A lost scores file is recomputed from the saved fold model, still without training.
     (copy / "two_stage_folds" / "fold-2" / "scores.npz").unlink()
-    cv_report.main(["--data", str(data_dir), "--out", str(copy), *COMMON])
+    cv_report.main(["--data", str(data_dir), "--out", str(copy), "--overwrite", *COMMON])
     pd.testing.assert_frame_equal(pd.read_csv(copy / "predictions.csv"), after, atol=1e-6)
 
     capsys.readouterr()
     changed = COMMON[:-1] + [json.dumps({**TINY, "epochs": 2})]
     with pytest.raises(SystemExit) as exit_info:
-        cv_report.main(["--data", str(data_dir), "--out", str(copy), *changed])
+        cv_report.main(["--data", str(data_dir), "--out", str(copy), "--overwrite", *changed])
     assert exit_info.value.code == 2
     assert "another config or other folds" in capsys.readouterr().err
 
@@ -227,7 +228,11 @@ def test_extract_with_two_stage_backbone_feeds_cv_report_train_and_predict(fold_
     model_dir = tmp_path / "logreg-model"
     assert train_cli.main(["--features", str(store_dir), "--out", str(model_dir), "--classifier", "logreg"]) == 0
     images = sorted(str(p) for p in (data_dir / "insitu").glob("*.png"))[:2]
-    assert predict_cli.main(["--model", str(model_dir), *images, "--out", str(tmp_path / "p.csv"), "--quiet"]) == 0
+    # predict opens no path named in model.json: the two-stage model is given with --weights
+    assert predict_cli.main(["--model", str(model_dir), *images, "--out", str(tmp_path / "p.csv"), "--quiet"]) == 2
+    assert "--weights two_stage=FILE" in capsys.readouterr().err
+    assert predict_cli.main(["--model", str(model_dir), *images, "--out", str(tmp_path / "p.csv"), "--quiet",
+                             "--weights", f"two_stage={fold_model}"]) == 0
     assert len(pd.read_csv(tmp_path / "p.csv")) == 2
 
 
