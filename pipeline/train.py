@@ -86,12 +86,12 @@ def main(argv=None) -> int:
                          seed=args.seed, n_jobs=args.n_jobs, device=args.device,
                          tune=args.tune or bool(preset and preset.tune))
     try:
-        check_model_out(args.out, overwrite=args.overwrite)  # before any work
         config.validate()
         if args.dask and config.classifier != "xgboost":
             raise ValueError(f"--dask trains xgboost only; train {config.classifier} without --dask")
         if args.dask and config.tune:
             raise ValueError("--tune is not available with --dask; tune on one machine or drop --tune")
+        check_model_out(args.out, overwrite=args.overwrite)  # before any work
         paths = select_stores(preset, args.features) if preset else args.features
         tables = [exclude_images(load_store(path), args.exclude) for path in paths]
         dataset = build_dataset(tables, config.scheme)
