@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from data.datasets import load_dataset
-from data.io import write_image
+from data.io import read_image, write_image
 from features import extract as extract_mod
 from features.config import ExtractionConfig
 from features.extract import extract_in_memory, extract_to_store, make_config
@@ -110,7 +110,7 @@ def test_crops_stream_in_batches(tiny_dataset):
     assert sizes == [3, 3, 1, 3, 3, 1]
     from features.augment import ColorAugmentation, augmented_crops
 
-    whole = augmented_crops(extract_mod.read_image(tiny_dataset.iloc[0].path), seed=0,
+    whole = augmented_crops(read_image(tiny_dataset.iloc[0].path), seed=0,
                             image_id=tiny_dataset.iloc[0].image_id, aug_index=1, n_crops=7, crop_size=32,
                             color=ColorAugmentation(config.color_gain, config.color_shift))
     streamed = np.concatenate([p for kind, aug, p in (i for i in items if i[0] == "aug") if aug == 1])

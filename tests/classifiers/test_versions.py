@@ -53,9 +53,9 @@ def test_store_config_json_records_versions(tmp_path):
 
 
 def test_model_json_records_versions_and_predict_warns_on_differences(tmp_path, caplog):
-    from classifiers.dataset import build_dataset
-    from classifiers.model_io import TrainConfig, load_model, save_model, train_model
-    from classifiers.predict import reproducible_configs
+    from classifiers.evaluation.cv_dataset import build_dataset
+    from classifiers.feature.model_io import TrainConfig, load_model, save_model, train_model
+    from classifiers.feature.predict import reproducible_configs
 
     model = train_model(build_dataset([_table()], "bach4"), TrainConfig(classifier="logreg"))
     out = save_model(model, tmp_path / "m")
@@ -77,9 +77,9 @@ def test_model_json_records_versions_and_predict_warns_on_differences(tmp_path, 
 
 
 def test_cv_report_metrics_record_versions():
-    from classifiers.dataset import build_dataset
-    from classifiers.experiment import CVConfig, run_cross_validation
-    from classifiers.report import summarize
+    from classifiers.evaluation.cv_dataset import build_dataset
+    from classifiers.evaluation.cross_validation import CVConfig, run_cross_validation
+    from classifiers.evaluation.report import summarize
 
     result = run_cross_validation(build_dataset([_table()], "bach4"),
                                   CVConfig(n_folds=3, classifiers=("logreg",)))
@@ -95,7 +95,7 @@ def _requirements():
     from packaging.requirements import Requirement
 
     cfg = configparser.ConfigParser()
-    cfg.read(Path(__file__).resolve().parents[1] / "setup.cfg")
+    cfg.read(Path(__file__).resolve().parents[2] / "setup.cfg")
     parse = lambda text: {r.name.lower(): r for r in map(Requirement, filter(None, text.split("\n")))}
     return parse(cfg["options"]["install_requires"]), parse(cfg["options.extras_require"]["test"])
 

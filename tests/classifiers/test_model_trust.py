@@ -18,7 +18,7 @@ import pytest
 from features.config import ExtractionConfig
 from features.store import FeatureTable
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = ("normal", "benign", "insitu", "invasive")
 
 
@@ -40,8 +40,8 @@ def _table(n_per_class=6, n_aug=2, seed=0):
 
 @pytest.fixture(scope="module")
 def xgb_dir(tmp_path_factory):
-    from classifiers.dataset import build_dataset
-    from classifiers.model_io import TrainConfig, save_model, train_model
+    from classifiers.evaluation.cv_dataset import build_dataset
+    from classifiers.feature.model_io import TrainConfig, save_model, train_model
 
     config = TrainConfig(classifier="xgboost", n_jobs=1, device="cpu")
     model = train_model(build_dataset([_table()], "bach4"), config)
@@ -68,7 +68,7 @@ def _load_and_predict(model_dir):
     # In a child process: a booster that crashes XGBoost must fail this test, not kill pytest.
     script = textwrap.dedent(f"""
         import numpy as np
-        from classifiers.model_io import ModelFormatError, load_model
+        from classifiers.feature.model_io import ModelFormatError, load_model
         try:
             model = load_model({str(model_dir)!r})
         except ModelFormatError as exc:

@@ -67,7 +67,7 @@ def test_extract_out_a_file_is_refused(tiny_dir, tmp_path, capsys):
 
 
 def test_predict_out_a_directory_is_refused_before_predicting(tmp_path, capsys, monkeypatch):
-    from classifiers import model_io
+    from classifiers.feature import model_io
     from pipeline import predict
 
     monkeypatch.setattr(model_io, "load_model", lambda *a: pytest.fail("the model was loaded"))
@@ -78,7 +78,7 @@ def test_predict_out_a_directory_is_refused_before_predicting(tmp_path, capsys, 
 
 
 def test_train_out_a_file_is_refused_before_training(store, tmp_path, capsys, monkeypatch):
-    from classifiers import model_io
+    from classifiers.feature import model_io
     from pipeline import train
 
     monkeypatch.setattr(model_io, "train_model", lambda *a, **k: pytest.fail("the model was trained"))
@@ -109,7 +109,6 @@ def test_cv_report_refuses_a_used_directory_and_overwrite_leaves_no_stale_file(s
 
 
 def test_full_disk_while_writing_leaves_the_previous_report_whole(store, tmp_path, monkeypatch):
-    import classifiers.report as report
 
     out = tmp_path / "report"
     _cv(store, out)
@@ -133,7 +132,7 @@ def test_full_disk_while_writing_leaves_the_previous_report_whole(store, tmp_pat
 def test_train_overwrite_never_leaves_no_model(store, tmp_path, monkeypatch):
     import shutil
 
-    from classifiers.model_io import load_model
+    from classifiers.feature.model_io import load_model
     from pipeline import train
 
     out = tmp_path / "model"
