@@ -143,7 +143,9 @@ def _write(result, skipped, paths, out, prog: str, failure: str = "could be read
             print(f"  {item['image']}: {item['reason']}", file=sys.stderr)
         return 2
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    result.table.to_csv(out, index=False)
+    from data.files import atomic_write
+
+    atomic_write(out, lambda tmp: result.table.to_csv(tmp, index=False))  # never half a CSV
     print(report(result, skipped, out))
     return 0
 
