@@ -154,8 +154,8 @@ def measure_backbone(backbone: str, mode: str, precision: str, weights: str, cro
         return batcher.finish()
 
     # Trace and warm up on one batch of the timed shape, not a whole image (minutes on 2 cores).
-    if mode == "shared":
-        extractor.feature_maps(payloads[0][0][None])
+    if mode == "shared":  # the graph MapBatcher runs: backbone and pooling
+        extractor.pooled_maps(payloads[0][0][None], payloads[0][1][None])
     else:
         extractor.run_batch(payloads[0][:1])
     done, start = 0, time.perf_counter()

@@ -5,9 +5,10 @@ over ``--data`` and prints seconds and % of the per-image total for each stage:
 
 decode (``data.io.read_image``), resize (``features.transforms.scale_image``), Macenko transform
 (``features.extract.Preprocessing``), colour augmentation + cropping (``features.augment``),
-backbone forward (``features.extract.FeatureExtractor``), crop-window pooling (shared mode,
-``features.feature_maps.pool_windows``), augmentation pooling (``features.pooling``), source
-file hash and store write (``features.store``).  One-off costs (backbone build, Macenko
+backbone forward (``features.extract.FeatureExtractor``; in shared mode with the crop-window
+and augmentation pooling that run in its graph, ``FeatureExtractor.pooled_maps``), augmentation
+pooling (exact mode, ``features.pooling``), source file hash and store write
+(``features.store``).  One-off costs (backbone build, Macenko
 reference fit, graph tracing) are printed apart.
 
 ``pipeline.extract`` runs decode to cropping in a producer thread beside the backbone, so its
@@ -67,10 +68,10 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
     from data.io import read_image
     from features.augment import augmented_crops, draw_augmentation, effective_crop_size
     from data.files import file_sha256
-    from features.extract import FeatureExtractor, ImageBatcher, Preprocessing, write_image_record
+    from features.extract import (FeatureExtractor, ImageBatcher, MapBatcher, Preprocessing,
+                                  write_image_record)
     from features.stain import fit_stain_reference
     from features.transforms import scale_image
-    from features.feature_maps import pool_windows
     from features.pooling import pool_features
     from features.store import FeatureStore
 
@@ -90,7 +91,10 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
     h, w = first.shape[:2]
     with one_off("graph trace + warm-up"):
         if config.mode == "shared":
-            extractor.feature_maps(np.zeros((1, h, w, 3), np.uint8))
+            side = effective_crop_size(h, w, config.crop_size)
+            size = min(batch_size, config.augmentations)  # MapBatcher's padded batch
+            extractor.pooled_maps(np.zeros((1, h, w, 3), np.uint8),
+                                  np.tile([[0, 0, side]], (1, config.crops, 1)), config.pooling, size)
         else:
             side = effective_crop_size(h, w, config.crop_size)
             extractor.run_batch(np.zeros((1, side, side, 3), np.uint8))
@@ -121,25 +125,22 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
                         image, seed=config.seed, image_id=row.image_id, aug_index=aug,
                         n_crops=config.crops, crop_size=config.crop_size, color=prep.color))
         if config.mode == "shared":
-            # MapBatcher's steps, split so the backbone and the window pooling are timed apart.
-            crop_features = []
-            for i in range(0, len(payloads), batch_size):
-                batch = payloads[i:i + batch_size]
-                with stage("backbone"):
-                    maps = extractor.feature_maps(np.stack([img for img, _ in batch]))
-                with stage("window pooling"):
-                    crop_features += [pool_windows(m, windows, extractor.spec.stride)
-                                      for m, (_, windows) in zip(maps, batch)]
-            crop_features = np.concatenate(crop_features)
+            # The window and augmentation pooling run in the backbone's graph.
+            with stage("backbone + pooling"):
+                batcher = MapBatcher(extractor, per_image=config.augmentations,
+                                     pooling=config.pooling)
+                for augmented, windows in payloads:
+                    batcher.add(augmented, windows)
+                features = batcher.finish()
         else:
             with stage("backbone"):
                 batcher = ImageBatcher(extractor)
                 for crops in payloads:
                     batcher.add(crops)
                 crop_features = batcher.finish()
-        with stage("augmentation pooling"):
-            per_aug = crop_features.reshape(config.augmentations, config.crops, -1)
-            features = np.stack([pool_features(f, config.pooling) for f in per_aug])
+            with stage("augmentation pooling"):
+                per_aug = crop_features.reshape(config.augmentations, config.crops, -1)
+                features = np.stack([pool_features(f, config.pooling) for f in per_aug])
         with stage("source hash"):
             source_sha256 = file_sha256(row.path)
         with stage("store write"):
@@ -158,7 +159,7 @@ def report(result: dict) -> list[str]:
         "macenko": "Macenko transform",
         "augment": "colour augmentation + crops",
         "backbone": "backbone forward",
-        "window pooling": "crop-window pooling (shared)",
+        "backbone + pooling": "backbone forward + pooling in its graph",
         "augmentation pooling": "augmentation pooling",
         "source hash": "source sha256",
         "store write": "store write",

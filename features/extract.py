@@ -25,7 +25,6 @@ from tqdm.auto import tqdm
 
 from data.io import ImageReadError, read_image
 from features.augment import ColorAugmentation, augmented_crops, draw_augmentation, effective_crop_size
-from features.feature_maps import pool_windows
 from data.files import file_sha256
 from features.backbones import get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
@@ -225,6 +224,8 @@ class FeatureExtractor:
 
         self._maps = tf.function(maps, autograph=False)
         self._forward = tf.function(lambda x: tf.reduce_mean(maps(x), axis=[1, 2]), autograph=False)
+        self._map_fn = maps
+        self._pooled: dict = {}  # pooling method (None: whole map) -> compiled graph
 
     def check_side(self, side: int) -> None:
         if side < self.spec.min_input:
@@ -251,6 +252,48 @@ class FeatureExtractor:
         batch = np.zeros((pad_to or self.batch_size, *images.shape[1:]), dtype=np.uint8)
         batch[:n] = images
         return np.asarray(self._maps(batch))[:n].astype(np.float32)
+
+    def pooled_maps(self, images: np.ndarray, windows: np.ndarray | None, pooling: str = "mean",
+                    pad_to: int | None = None) -> np.ndarray:
+        """Shared and whole modes in one graph: up to ``batch_size`` same-shape uint8 augmented
+        images -> ``(n, dim)``, one vector per image, pooled on the device.
+
+        ``windows`` ``(n, k, 3)`` holds each image's crop windows ``(y, x, side)``: the map is
+        averaged over each window (:func:`features.feature_maps.window_means_graph`), then the
+        ``k`` window features are pooled with ``pooling``
+        (:func:`features.pooling.pool_features_graph`).  ``windows=None`` averages the whole
+        map.  Only the pooled vectors leave the device.  The batch is zero-padded to ``pad_to``
+        images (default ``batch_size``).
+        """
+        _check_uint8(images)
+        n, size = len(images), pad_to or self.batch_size
+        batch = np.zeros((size, *images.shape[1:]), dtype=np.uint8)
+        batch[:n] = images
+        key = None if windows is None else pooling
+        if key not in self._pooled:
+            self._pooled[key] = self._pooled_graph(key)
+        if windows is None:
+            return np.asarray(self._pooled[key](batch))[:n]
+        windows = np.asarray(windows, dtype=np.int32)
+        padded = np.repeat(windows[:1], size, axis=0)  # any valid windows for the blank images
+        padded[:n] = windows
+        return np.asarray(self._pooled[key](batch, padded))[:n]
+
+    def _pooled_graph(self, pooling: str | None):
+        import tensorflow as tf
+
+        from features.feature_maps import window_means_graph
+        from features.pooling import pool_features_graph
+
+        maps, stride = self._map_fn, self.spec.stride
+        if pooling is None:
+            def whole(x):
+                return tf.cast(tf.reduce_mean(tf.cast(maps(x), tf.float64), axis=[1, 2]), tf.float32)
+            return tf.function(whole, autograph=False)
+
+        def windowed(x, windows):
+            return pool_features_graph(window_means_graph(maps(x), windows, stride), pooling)
+        return tf.function(windowed, autograph=False)
 
     def features(self, crops: np.ndarray) -> np.ndarray:
         """``(n, side, side, 3)`` uint8 crops of one image -> ``(n, feature_dim)`` float32."""
@@ -281,8 +324,9 @@ class ImageBatcher:
 
 
 class MapBatcher:
-    """Shared and whole modes: batches one image's augmented copies and pools each crop window
-    of their feature maps (``windows=None``: the whole map, one vector).
+    """Shared and whole modes: batches one image's augmented copies through
+    :meth:`FeatureExtractor.pooled_maps`, which pools each crop window of their feature maps and
+    then the windows of each copy (``windows=None``: the whole map) on the device.
 
     Parameters
     ----------
@@ -290,11 +334,14 @@ class MapBatcher:
     per_image : augmented copies per image, when fewer than the extractor's batch size: batches
         are padded to this many images instead (padding to the batch size would run the
         backbone on blank images, e.g. 4 of 8 with 4 augmentations).
+    pooling : how the windows of one augmented copy are pooled (``features.pooling``).
     """
 
-    def __init__(self, extractor: FeatureExtractor, per_image: int | None = None):
+    def __init__(self, extractor: FeatureExtractor, per_image: int | None = None,
+                 pooling: str = "mean"):
         self.extractor, self.pending, self.done = extractor, [], []
         self.size = min(extractor.batch_size, per_image or extractor.batch_size)
+        self.pooling = pooling
 
     def add(self, image: np.ndarray, windows: np.ndarray | None) -> None:
         side = min(image.shape[:2]) if windows is None else int(windows[0, 2])
@@ -304,16 +351,13 @@ class MapBatcher:
             self._run()
 
     def _run(self) -> None:
-        maps = self.extractor.feature_maps(np.stack([img for img, _ in self.pending]), self.size)
-        stride = self.extractor.spec.stride
-        self.done.extend(
-            m.mean(axis=(0, 1), dtype=np.float64)[None].astype(np.float32) if w is None
-            else pool_windows(m, w, stride)
-            for m, (_, w) in zip(maps, self.pending)
-        )
+        images = np.stack([img for img, _ in self.pending])
+        windows = None if self.pending[0][1] is None else np.stack([w for _, w in self.pending])
+        self.done.append(self.extractor.pooled_maps(images, windows, self.pooling, self.size))
         self.pending = []
 
     def finish(self) -> np.ndarray:
+        """``(augmented copies, dim)``: one pooled vector per copy added."""
         if self.pending:
             self._run()
         return np.concatenate(self.done)
@@ -411,7 +455,8 @@ class _PooledImage:
         if config.mode == "exact":
             self.batcher = ImageBatcher(extractor)
         else:
-            self.batcher = MapBatcher(extractor, per_image=config.augmentations)
+            self.batcher = MapBatcher(extractor, per_image=config.augmentations,
+                                      pooling=config.pooling)
 
     def add(self, payload) -> int:
         """Add one item's payload; returns the crops (augmented images in whole mode) it held."""
@@ -422,6 +467,8 @@ class _PooledImage:
         return len(payload)
 
     def finish(self) -> np.ndarray:
+        if self.config.mode != "exact":  # pooled on the device already
+            return self.batcher.finish()
         crop_features = self.batcher.finish().reshape(self.config.augmentations, self.config.crops, -1)
         return np.stack([pool_features(f, self.config.pooling) for f in crop_features])
 

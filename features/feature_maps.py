@@ -41,3 +41,33 @@ def pool_windows(feature_map: np.ndarray, windows: np.ndarray, stride: int) -> n
         total = integral[r1, c1] - integral[r0, c1] - integral[r1, c0] + integral[r0, c0]
         out[i] = total / ((r1 - r0) * (c1 - c0))
     return out
+
+
+def window_means_graph(maps, windows, stride: int):
+    """In-graph :func:`pool_windows` for a batch: ``maps`` ``(b, h, w, C)``, ``windows``
+    ``(b, k, 3)`` int rows ``(y, x, side)`` -> ``(b, k, C)`` float32 window means.
+
+    Runs inside the extractor's compiled graph, so on a GPU the maps never leave the device.
+    The cell ranges are :func:`window_cells`' (``tf.round`` rounds half to even, as Python's
+    ``round``) and the summed-area table is float64 as in :func:`pool_windows`: the means equal
+    its output to the last float32 bit on CPU (a test checks to 1e-6 relative).
+    """
+    import tensorflow as tf
+
+    h, w = tf.shape(maps)[1], tf.shape(maps)[2]
+    win = tf.cast(windows, tf.float64)
+    span = tf.maximum(1, tf.cast(tf.round(win[..., 2] / stride), tf.int32))
+    r0 = tf.minimum(tf.maximum(0, tf.cast(tf.round(win[..., 0] / stride), tf.int32)),
+                    tf.maximum(0, h - span))
+    c0 = tf.minimum(tf.maximum(0, tf.cast(tf.round(win[..., 1] / stride), tf.int32)),
+                    tf.maximum(0, w - span))
+    r1, c1 = tf.minimum(h, r0 + span), tf.minimum(w, c0 + span)
+    table = tf.cumsum(tf.cumsum(tf.cast(maps, tf.float64), axis=1), axis=2)
+    table = tf.pad(table, [[0, 0], [1, 0], [1, 0], [0, 0]])
+
+    def at(r, c):
+        return tf.gather_nd(table, tf.stack([r, c], axis=-1), batch_dims=1)
+
+    total = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
+    area = tf.cast((r1 - r0) * (c1 - c0), tf.float64)[..., None]
+    return tf.cast(total / area, tf.float32)

@@ -26,3 +26,23 @@ def pool_features(crop_features: np.ndarray, method: str) -> np.ndarray:
     else:
         raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
     return out.astype(np.float32)
+
+
+def pool_features_graph(crop_features, method: str):
+    """In-graph :func:`pool_features` over axis 1: ``(b, n_crops, C)`` -> ``(b, C)`` float32.
+
+    Computed in float64 as :func:`pool_features`; the results agree to the last float32 bit
+    but for rounding ties (``pnorm3`` uses ``pow(., 1/3)``: TensorFlow has no cube root).
+    """
+    import tensorflow as tf
+
+    if method not in POOLINGS:
+        raise ValueError(f"unknown pooling {method!r}; choose one of {', '.join(POOLINGS)}")
+    x = tf.cast(crop_features, tf.float64)
+    if method == "mean":
+        out = tf.reduce_mean(x, axis=1)
+    elif method == "max":
+        out = tf.reduce_max(x, axis=1)
+    else:
+        out = tf.pow(tf.reduce_mean(tf.abs(x) ** 3, axis=1), 1.0 / 3.0)
+    return tf.cast(out, tf.float32)

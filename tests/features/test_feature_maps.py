@@ -64,16 +64,39 @@ def test_bfloat16_features_are_close_to_float32():
 
 def test_map_batches_are_padded_to_the_augmentations_not_the_batch_size(extractor, monkeypatch):
     shapes = []
-    original = extractor.feature_maps
+    original = extractor.pooled_maps
 
-    def spy(images, pad_to=None):
+    def spy(images, windows, pooling="mean", pad_to=None):
         shapes.append((len(images), pad_to))
-        return original(images, pad_to)
+        return original(images, windows, pooling, pad_to)
 
-    monkeypatch.setattr(extractor, "feature_maps", spy)
+    monkeypatch.setattr(extractor, "pooled_maps", spy)
     batcher = MapBatcher(extractor, per_image=1)  # extractor.batch_size is 2
     image = np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     batcher.add(image, None)
     whole = batcher.finish()
     assert shapes == [(1, 1)] and whole.shape == (1, 1280)
     np.testing.assert_allclose(whole[0], extractor.features(image[None])[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "pnorm3"])
+def test_pooling_in_the_graph_equals_pooling_on_the_host(extractor, pooling):
+    # What shared mode computed before pooling moved into the graph: maps to the host, float64
+    # summed-area table per window, then pool_features over each image's windows.
+    from features.pooling import pool_features
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (2, 100, 140, 3), dtype=np.uint8)
+    windows = np.stack([np.column_stack([rng.integers(0, 37, 5), rng.integers(0, 77, 5),
+                                         np.full(5, 64)]) for _ in images])
+    maps = extractor.feature_maps(images)
+    host = np.stack([pool_features(pool_windows(m, w, extractor.spec.stride), pooling)
+                     for m, w in zip(maps, windows)])
+    device = extractor.pooled_maps(images, windows, pooling)
+    assert device.shape == (2, 1280) and device.dtype == np.float32
+    np.testing.assert_allclose(device, host, rtol=1e-6, atol=1e-7)
+    print(f"{pooling}: {np.mean(device == host):.4f} of the values bit-identical")
+    # One image of a padded batch: same vector as in a full batch.
+    np.testing.assert_array_equal(extractor.pooled_maps(images[:1], windows[:1], pooling), device[:1])
+    whole = extractor.pooled_maps(images, None)
+    np.testing.assert_allclose(whole, maps.mean(axis=(1, 2), dtype=np.float64), rtol=1e-6, atol=1e-7)
