@@ -35,7 +35,7 @@ import numpy as np
 from .io import write_image
 from .labels import SCHEMES, canonical_label
 
-__all__ = ["SYNTHETIC_LABELS", "make_image", "write_dataset"]
+__all__ = ["SYNTHETIC_LABELS", "make_image", "write_breakhis", "write_dataset"]
 
 #: Labels :func:`make_image` can draw.
 SYNTHETIC_LABELS: tuple[str, ...] = ("normal", "benign", "insitu", "invasive")
@@ -466,3 +466,75 @@ def write_dataset(
         writer.writeheader()
         writer.writerows(rows)
     return out
+
+
+# Slides of write_breakhis, two per subtype: odd ids as in BreakHis (letter suffixes; numbers
+# shared across subtypes, 14-22549 by adenosis and fibroadenoma), used before generated ones.
+_BREAKHIS_SLIDES = {
+    "A": ("14-22549AB", "14-29960CD"), "F": ("14-22549CD", "14-9133"), "PT": ("14-21998AB", "14-22704"),
+    "TA": ("14-3411F", "14-16184CD"), "DC": ("14-2523", "14-16716"), "LC": ("14-12204", "14-15570C"),
+    "MC": ("14-18842D", "14-13418DE"), "PC": ("14-9146", "14-19440"),
+}
+# What write_breakhis draws for each subtype: benign tissue for benign tumours, carcinoma for
+# malignant ones (so benign vs malignant is learnable; subtypes only in part).
+_BREAKHIS_DRAW = {"A": "normal", "F": "benign", "PT": "benign", "TA": "benign",
+                  "DC": "invasive", "LC": "invasive", "MC": "insitu", "PC": "insitu"}
+
+
+def write_breakhis(
+    out_dir: str | os.PathLike,
+    patients_per_subtype: int = 1,
+    images_per_magnification: int = 1,
+    magnifications: tuple[str, ...] = ("40", "100", "200", "400"),
+    size: tuple[int, int] = (46, 70),
+    seed: int = 0,
+    subtypes: tuple[str, ...] | None = None,
+) -> Path:
+    """Write a synthetic data set shaped like the BreakHis distribution.
+
+    Layout: ``out_dir/BreaKHis_v1/histology_slides/breast/<benign|malignant>/SOB/<subtype>/
+    SOB_<B|M>_<code>_<slide>/<mag>X/SOB_<B|M>_<code>-<slide>-<mag>-<index>.png``, with the real
+    data set's odd slide ids (``14-22549AB`` and ``14-22549CD`` share a number across two
+    subtypes) and magnification drawn as structure size (40x small ... 400x large).
+
+    Parameters
+    ----------
+    out_dir : str or os.PathLike
+    patients_per_subtype : int
+        Slides (patient folders) per subtype.
+    images_per_magnification : int
+        Images per slide and magnification.
+    magnifications : tuple of str
+        Subset of ``40, 100, 200, 400``.
+    size : tuple of int
+        ``(height, width)``; BreakHis's is (460, 700), the default a tenth of it.
+    seed : int
+        The same arguments give bit-identical files.
+    subtypes : tuple of str, optional
+        Subtype codes (default all eight: A, F, PT, TA, DC, LC, MC, PC).
+
+    Returns
+    -------
+    pathlib.Path
+        The ``BreaKHis_v1`` folder (what a user passes as ``--data``).
+    """
+    from .labels import BREAKHIS_SUBTYPES
+
+    codes = tuple(subtypes or BREAKHIS_SUBTYPES)
+    unknown = [c for c in codes if c not in BREAKHIS_SUBTYPES]
+    if unknown or not set(magnifications) <= {"40", "100", "200", "400"}:
+        raise ValueError(f"unknown subtype(s) {unknown} or magnification(s) {magnifications}")
+    root = Path(out_dir) / "BreaKHis_v1"
+    breast = root / "histology_slides" / "breast"
+    for k, code in enumerate(codes):
+        tumour = "B" if _BREAKHIS_DRAW[code] in ("normal", "benign") else "M"
+        slides = list(_BREAKHIS_SLIDES[code]) + [f"14-{30000 + 100 * k + p}" for p in range(patients_per_subtype)]
+        for p, slide in enumerate(slides[:patients_per_subtype]):
+            folder = breast / ("benign" if tumour == "B" else "malignant") / "SOB" / BREAKHIS_SUBTYPES[code]
+            folder = folder / f"SOB_{tumour}_{code}_{slide}"
+            for mag in magnifications:
+                for i in range(images_per_magnification):
+                    rng = np.random.default_rng([seed, k, p, int(mag), i])
+                    image = make_image(_BREAKHIS_DRAW[code], rng, size, scale=int(mag) / 200)
+                    write_image(folder / f"{mag}X" / f"SOB_{tumour}_{code}-{slide}-{mag}-{i + 1:03d}.png", image)
+    return root

@@ -189,6 +189,9 @@ def test_schemes_and_class_order():
         "bach4": ("normal", "benign", "insitu", "invasive"),
         "bmc3": ("benign", "insitu", "invasive"),
         "binary": ("non-carcinoma", "carcinoma"),
+        "breakhis2": ("benign", "malignant"),
+        "breakhis8": ("adenosis", "fibroadenoma", "phyllodes_tumor", "tubular_adenoma",
+                      "ductal_carcinoma", "lobular_carcinoma", "mucinous_carcinoma", "papillary_carcinoma"),
     }
     assert class_names("bmc3") == ("benign", "insitu", "invasive")
     with pytest.raises(ValueError, match="bach4, bmc3, binary"):
@@ -292,11 +295,11 @@ def _tiny(path: Path, value: int = 100) -> Path:
 def tree(tmp_path) -> Path:
     """Class folders with odd spellings, nesting, hidden and non-image files."""
     root = tmp_path / "ds"
-    _tiny(root / "Normal" / "n1.png")
-    _tiny(root / "Normal" / "sub" / "n2.PNG")
-    _tiny(root / "InSitu" / "s1.jpg")
-    _tiny(root / "invasive" / "i1.tif")
-    _tiny(root / "benign" / "b1.png")
+    _tiny(root / "Normal" / "n1.png", 10)
+    _tiny(root / "Normal" / "sub" / "n2.PNG", 20)
+    _tiny(root / "InSitu" / "s1.jpg", 30)
+    _tiny(root / "invasive" / "i1.tif", 40)
+    _tiny(root / "benign" / "b1.png", 50)
     (root / "benign" / "README.txt").write_text("notes")
     (root / "benign" / "._b1.png").write_bytes(b"\x00")  # macOS resource fork
     (root / "labels.csv").write_text("path,label\n")
@@ -330,9 +333,9 @@ def test_load_synthetic_folder_and_manifest(synthetic_dir):
 
 def test_load_manifest_relative_absolute_and_groups(tmp_path):
     root = tmp_path / "m"
-    _tiny(root / "imgs" / "a.png")
-    _tiny(root / "imgs" / "b.png")
-    outside = _tiny(tmp_path / "elsewhere" / "c.png")
+    _tiny(root / "imgs" / "a.png", 1)
+    _tiny(root / "imgs" / "b.png", 2)
+    outside = _tiny(tmp_path / "elsewhere" / "c.png", 3)
     (root / "list.csv").write_text(
         "Path, Label ,group\n"  # header spelling/spacing is tolerated
         f"imgs/b.png,Invasive,007\n"
@@ -356,8 +359,8 @@ def test_load_manifest_without_group_column(tmp_path):
 
 
 def _manifest(tmp_path: Path, text: str) -> Path:
-    for name in ("a.png", "b.png"):
-        _tiny(tmp_path / name)
+    for value, name in enumerate(("a.png", "b.png", "c.png")):
+        _tiny(tmp_path / name, value)
     path = tmp_path / "m.csv"
     path.write_text(text)
     return path
@@ -368,7 +371,7 @@ def _manifest(tmp_path: Path, text: str) -> Path:
     [
         ("file,label\na.png,normal\n", ["lacks column(s) path", "found file, label"]),
         ("path,label\n", ["lists no images"]),
-        ("path,label\na.png,normal\nb.png,tumour\n", ["line 3", "'tumour'", "accepted labels: normal"]),
+        ("path,label\na.png,normal\nb.png,Normal cells\nc.png,normal-cells\n", ["'Normal cells' and 'normal-cells'"]),
         ("path,label\na.png,normal\n,benign\n", ["empty path or label", "line(s) 3"]),
         ("path,label\na.png,normal\n./a.png,benign\n", ["duplicate path", "lines 2 and 3"]),
         ("path,label\na.png,normal\nnotes.txt,benign\n", ["not image files", "notes.txt"]),
@@ -377,7 +380,7 @@ def _manifest(tmp_path: Path, text: str) -> Path:
             ["7 of 8 listed files do not exist", "gone0.png, gone1.png", "gone4.png, ... (+2 more)"],
         ),
     ],
-    ids=["missing-column", "no-rows", "unknown-label", "blank-cell", "duplicate", "not-image", "missing-files"],
+    ids=["missing-column", "no-rows", "misspelt-label", "blank-cell", "duplicate", "not-image", "missing-files"],
 )
 def test_manifest_errors(tmp_path, text, patterns):
     csv_path = _manifest(tmp_path, text)
@@ -405,10 +408,10 @@ def test_folder_errors(tmp_path):
     (tmp_path / "ds" / "benign" / "README").write_text("todo")
     with pytest.raises(DatasetError, match="class folder 'benign' contains no images"):
         load_dataset(tmp_path / "ds")
-    # A folder of images whose name is not a label.
-    _tiny(tmp_path / "ds2" / "normal" / "a.png")
-    _tiny(tmp_path / "ds2" / "tumour" / "b.png")
-    with pytest.raises(DatasetError, match="sub-folder 'tumour' .* not a known label"):
+    # Two folders whose names differ only in case: one class misspelt.
+    _tiny(tmp_path / "ds2" / "Tumour" / "a.png")
+    _tiny(tmp_path / "ds2" / "tumour" / "b.png", 90)
+    with pytest.raises(DatasetError, match=r"'Tumour' and 'tumour' differ only in case.*Tumour \(1\), tumour \(1\)"):
         load_dataset(tmp_path / "ds2")
     (tmp_path / "list.txt").write_text("path,label\n")
     with pytest.raises(DatasetError, match="directory of class folders or a .csv manifest"):
@@ -416,8 +419,8 @@ def test_folder_errors(tmp_path):
 
 
 def test_scheme_validation(tmp_path):
-    _tiny(tmp_path / "bmc" / "benign" / "a.png")
-    _tiny(tmp_path / "bmc" / "invasive" / "b.png")
+    _tiny(tmp_path / "bmc" / "benign" / "a.png", 1)
+    _tiny(tmp_path / "bmc" / "invasive" / "b.png", 2)
     assert len(load_dataset(tmp_path / "bmc", scheme="binary")) == 2
     with pytest.raises(DatasetError, match="support only 'bmc3', 'binary'"):
         load_dataset(tmp_path / "bmc", scheme="bach4")
