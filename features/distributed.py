@@ -63,6 +63,7 @@ class ImageTask:
     label: str
     group: str
     source_sha256: str
+    magnification: str = ""
 
 
 @dataclass(frozen=True)
@@ -199,7 +200,8 @@ def _extract_locked(store, dataset, config, store_root, client, batch_size, prog
     if todo:
         start = time.perf_counter()
         for row in todo:
-            task = ImageTask(row.image_id, str(row.path), row.label, row.group, hashes[row.image_id])
+            task = ImageTask(row.image_id, str(row.path), row.label, row.group, hashes[row.image_id],
+                             str(getattr(row, "magnification", "") or ""))
             future = client.submit(extract_image_task, task, config, root, batch_size,
                                    key=_task_key(row.image_id), pure=False)
             futures[future] = row.image_id

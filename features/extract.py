@@ -31,7 +31,7 @@ from features.config import ExtractionConfig
 from features.pooling import pool_features
 from features.stain import MacenkoNormalizer, fit_stain_reference
 from features.transforms import scale_image
-from features.store import FeatureStore, FeatureTable, make_record
+from features.store import META_COLUMNS, FeatureStore, FeatureTable, make_record
 
 log = logging.getLogger(__name__)
 
@@ -583,7 +583,7 @@ def plan_extraction(dataset: pd.DataFrame, store: FeatureStore,
             summary.skipped.append({"image_id": row.image_id, "path": row.path, "reason": str(exc)})
             continue
         if store.is_done(row.image_id, hashes[row.image_id]):
-            store.update_meta(row.image_id, row.label, row.group, row.path)
+            store.update_meta(row.image_id, row.label, row.group, row.path, _magnification(row))
             summary.cached.append(row.image_id)
         else:
             todo.append(row)
@@ -591,12 +591,18 @@ def plan_extraction(dataset: pd.DataFrame, store: FeatureStore,
     return todo, hashes
 
 
+def _magnification(row) -> str:
+    return str(getattr(row, "magnification", "") or "")
+
+
 def write_image_record(store: FeatureStore, row, source_sha256: str, features: np.ndarray,
                        stain_note: str | None) -> None:
-    """Atomically store one finished image (``row`` has ``image_id, label, group, path``)."""
+    """Atomically store one finished image (``row`` has ``image_id, label, group, path`` and
+    optionally ``magnification``)."""
     store.write(make_record(
         image_id=row.image_id, label=row.label, group=row.group, path=row.path,
         source_sha256=source_sha256, features=features, stain_note=stain_note,
+        magnification=_magnification(row),
     ))
 
 
@@ -610,7 +616,8 @@ def extract_to_store(
 ) -> ExtractionSummary:
     """Extract every image of ``dataset`` not yet in the store; resumable and atomic per image.
 
-    ``dataset`` has columns ``image_id, path, label, group`` (``data.datasets.load_dataset``).
+    ``dataset`` has columns ``image_id, path, label, group`` and optionally ``magnification``
+    (``data.datasets.load_dataset``); labels are any class names.
     ``batch_size`` is ``config.batch_size`` (part of the store key); another value is an error.
     """
     check_batch_size(config, batch_size)
@@ -659,12 +666,12 @@ def extract_in_memory(
     for row, feats, note in tqdm(iter_image_features(rows_in, config, extractor, summary),
                                  total=len(rows_in), disable=not progress, unit="img"):
         for aug in range(len(feats)):
-            rows.append((row.image_id, row.label, row.group, aug, row.path, note))
+            rows.append((row.image_id, row.label, row.group, aug, row.path, note, _magnification(row), ""))
         blocks.append(feats)
         if note:
             summary.unnormalized.append({"image_id": row.image_id, "reason": note})
     summary.seconds = time.perf_counter() - start
-    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path", "stain_note"])
+    meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
     X = np.concatenate(blocks) if blocks else np.zeros((0, extractor.model.output_shape[-1]), np.float32)
     record = {**config.to_dict(), "config_hash": config.config_hash}
     return FeatureTable(meta=meta, X=X, config=record), summary

@@ -38,7 +38,7 @@ from features.config import ExtractionConfig
 
 log = logging.getLogger(__name__)
 
-META_COLUMNS = ("image_id", "label", "group", "aug", "path", "stain_note")
+META_COLUMNS = ("image_id", "label", "group", "aug", "path", "stain_note", "magnification", "source_sha256")
 DATASET_FILE = "dataset.json"
 LOCK_FILE = ".lock"
 
@@ -57,7 +57,9 @@ class FeatureTable:
 
     Attributes
     ----------
-    meta : DataFrame with columns ``image_id, label, group, aug, path, stain_note``.
+    meta : DataFrame with columns ``image_id, label, group, aug, path, stain_note, magnification,
+        source_sha256``; ``magnification`` is ``""`` when the data set has none (and in
+        stores written before it was recorded).
     X : float32 array ``(len(meta), n_features)``; row ``i`` belongs to ``meta.iloc[i]``.
     config : the extraction config record (``config.json``), including ``config_hash``.
     """
@@ -143,6 +145,8 @@ def _record_problem(record) -> str | None:
             return f"field {key!r} is missing or not a {kind.__name__}"
     if not (record.get("stain_note") is None or isinstance(record["stain_note"], str)):
         return "field 'stain_note' is not a string"
+    if not isinstance(record.get("magnification", ""), str):  # optional: older stores lack it
+        return "field 'magnification' is not a string"
     features = record.get("features")
     if not isinstance(features, np.ndarray) or features.ndim != 2:
         return "field 'features' is not a 2-d array"
@@ -261,11 +265,12 @@ class FeatureStore:
         """The finished record of ``image_id`` (see :func:`read_record`)."""
         return read_record(self.record_path(image_id))
 
-    def update_meta(self, image_id: str, label: str, group: str, path: str) -> None:
-        """Refresh label/group/path of a finished record (they do not change features)."""
+    def update_meta(self, image_id: str, label: str, group: str, path: str, magnification: str = "") -> None:
+        """Refresh label/group/path/magnification of a finished record (they do not change features)."""
         record = self.read(image_id)
-        if (record["label"], record["group"], record["path"]) != (label, group, path):
-            record.update(label=label, group=group, path=path)
+        new = (label, group, path, magnification)
+        if (record["label"], record["group"], record["path"], record.get("magnification", "")) != new:
+            record.update(label=label, group=group, path=path, magnification=magnification)
             self.write(record)
 
     def write(self, record: dict) -> None:
@@ -278,7 +283,7 @@ class FeatureStore:
         atomic_write_text(target, json.dumps(skipped, indent=2))
 
 
-def make_record(*, image_id, label, group, path, source_sha256, features, stain_note) -> dict:
+def make_record(*, image_id, label, group, path, source_sha256, features, stain_note, magnification="") -> dict:
     """One image's stored record; ``features`` is ``(n_augmentations, n_features)``."""
     return {
         "image_id": image_id,
@@ -288,6 +293,7 @@ def make_record(*, image_id, label, group, path, source_sha256, features, stain_
         "source_sha256": source_sha256,
         "features": np.asarray(features, dtype=np.float32),
         "stain_note": stain_note,
+        "magnification": str(magnification),
     }
 
 
@@ -347,7 +353,8 @@ def load_store(path: Path | str) -> FeatureTable:
     for r in records:
         n_aug = r["features"].shape[0]
         for aug in range(n_aug):
-            rows.append((r["image_id"], r["label"], r["group"], aug, r["path"], r["stain_note"]))
+            rows.append((r["image_id"], r["label"], r["group"], aug, r["path"], r["stain_note"],
+                         r.get("magnification", ""), r["source_sha256"]))
         blocks.append(r["features"])
     meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
     return FeatureTable(meta=meta, X=np.concatenate(blocks).astype(np.float32), config=config)
