@@ -44,8 +44,9 @@ class CVConfig:
 
     Parameters
     ----------
-    scheme : str, default="bach4"
-        Label scheme to report in.
+    scheme : str, default="auto"
+        Label scheme to report in (see :func:`classifiers.evaluation.cv_dataset.build_dataset`):
+        ``auto``, ``classes``, a built-in name or a mapping file.
     n_folds : int, default=6
         Folds of StratifiedGroupKFold (El Agouri et al. used 6).
     classifiers : tuple of str, default=("xgboost", "logreg")
@@ -63,7 +64,7 @@ class CVConfig:
         reported.  Off: the documented defaults of :mod:`classifiers.feature.estimators`.
     """
 
-    scheme: str = "bach4"
+    scheme: str = "auto"
     n_folds: int = 6
     classifiers: tuple = ("xgboost", "logreg")
     fusion: tuple = FUSION_CHOICES
@@ -234,6 +235,17 @@ class CVResult:
     seconds: float = 0.0
 
 
+def check_scheme(dataset: CVDataset, scheme) -> None:
+    """Raise unless `dataset` was built in `scheme` (as given to ``build_dataset``: ``auto``, a
+    name, a mapping file or a LabelScheme)."""
+    label_scheme = dataset.label_scheme
+    if scheme in (None, "auto") or scheme == dataset.scheme or scheme == label_scheme:
+        return
+    if isinstance(scheme, str) and label_scheme is not None and scheme == label_scheme.source:
+        return
+    raise InputDataError(f"dataset is in scheme {dataset.scheme!r} but config asks for {getattr(scheme, 'name', scheme)!r}")
+
+
 def image_predictions(dataset: CVDataset, folds: np.ndarray, row_proba: np.ndarray, spec: RunSpec) -> pd.DataFrame:
     """Per-image table of votes, mean probabilities and both voting decisions."""
     classes = np.asarray(dataset.classes)
@@ -249,6 +261,8 @@ def image_predictions(dataset: CVDataset, folds: np.ndarray, row_proba: np.ndarr
             "n_aug": dataset.images["n_aug"].to_numpy(),
         }
     )
+    if "magnification" in dataset.images.columns:
+        frame.insert(frame.columns.get_loc("n_aug") + 1, "magnification", dataset.images["magnification"].to_numpy())
     for j, c in enumerate(classes):
         frame[f"votes_{c}"] = result.votes[:, j]
     for j, c in enumerate(classes):
@@ -278,8 +292,7 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
         If the folds are infeasible (checked before any training).
     """
     start = time.perf_counter()
-    if dataset.scheme != config.scheme:
-        raise InputDataError(f"dataset is in scheme {dataset.scheme!r} but config asks for {config.scheme!r}")
+    check_scheme(dataset, config.scheme)
     specs = plan_runs(len(dataset.X), dataset.store_names, config)
     images = dataset.images
     image_folds = assign_folds(images["label"].to_numpy(), images["group"].to_numpy(), config.n_folds, config.seed)

@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 
 REQUIRED_META_COLUMNS = ("image_id", "label", "group", "aug")
+#: Per-image columns kept when a store has them (BreakHis magnification, content hash).
+OPTIONAL_META_COLUMNS = ("magnification", "source_sha256")
 #: How many differing ids an error message lists before eliding the rest.
 _MAX_LISTED = 10
 
@@ -39,17 +41,25 @@ class CVDataset:
         Short unique name per store (backbone, de-duplicated).
     images : pandas.DataFrame
         One row per image (sorted by ``image_id``): ``image_id``, ``label``,
-        ``group``, ``n_aug``.
+        ``group``, ``n_aug``, and ``magnification`` when the store records one.
     row_image : ndarray of int
         Index into ``images`` for every row of ``meta``.
     classes : tuple of str
         Classes of ``scheme`` present in the data, in scheme order.
     scheme : str
-        Label scheme the data are reported in.
+        Name of the label scheme the data are reported in (``bach4``, ``classes``, a
+        mapping file's stem...).
     absent_classes : tuple of str
         Classes of ``scheme`` with no image (reported, not modelled).
     store_configs : list of dict
         The extraction config of every store.
+    label_scheme : data.mapping.LabelScheme
+        The scheme itself (classes and the mapping from stored labels).
+    groupings : list of data.mapping.LabelScheme
+        Coarser schemes the classes map into, for report-time regrouping (bach4 -> bmc3,
+        binary; mapping files given as ``regroup``).
+    duplicates : list of list of str
+        Image ids of identical files (same ``source_sha256``), one list per content.
     """
 
     meta: pd.DataFrame
@@ -61,6 +71,16 @@ class CVDataset:
     scheme: str
     absent_classes: tuple = ()
     store_configs: list = field(default_factory=list)
+    label_scheme: object = None
+    groupings: list = field(default_factory=list)
+    duplicates: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.label_scheme is None:
+            from data.mapping import builtin_scheme, groupings
+
+            self.label_scheme = builtin_scheme(self.scheme)
+            self.groupings = self.groupings or groupings(self.label_scheme)
 
     @property
     def row_labels(self) -> np.ndarray:
@@ -119,7 +139,7 @@ def _validated_frame(table, name: str) -> tuple[pd.DataFrame, np.ndarray]:
         raise InputDataError(
             f"store {name!r}: non-finite features for images {short_list(bad)}; re-extract those images"
         )
-    meta = meta.loc[:, list(REQUIRED_META_COLUMNS)].copy()
+    meta = meta.loc[:, list(REQUIRED_META_COLUMNS) + [c for c in OPTIONAL_META_COLUMNS if c in meta.columns]].copy()
     meta["image_id"] = meta["image_id"].astype(str)
     meta["group"] = meta["group"].astype(str)
     meta["label"] = meta["label"].astype(str)
@@ -181,8 +201,23 @@ def _check_same_rows(metas: list, names: list) -> None:
                 )
 
 
-def map_to_scheme(labels, scheme: str) -> tuple[np.ndarray, tuple]:
-    """Map stored labels into ``scheme`` with :func:`data.labels.map_labels`.
+def resolve_label_scheme(labels, scheme):
+    """The :class:`data.mapping.LabelScheme` that ``--labels scheme`` means for stored `labels`."""
+    from data.mapping import resolve_scheme
+
+    try:
+        return resolve_scheme(scheme, np.asarray(labels, dtype=str), where="the store(s)")
+    except ValueError as exc:
+        raise InputDataError(
+            f"the stored labels cannot be reported in scheme {getattr(scheme, 'name', scheme)!r}: {exc}. "
+            "Choose a scheme the stored labels map into: auto (the default), classes (as found), a built-in "
+            "scheme (bach4 labels map to bach4, bmc3 and binary) or a mapping file."
+        ) from exc
+
+
+def map_to_scheme(labels, scheme) -> tuple[np.ndarray, tuple]:
+    """Map stored labels into ``scheme`` (a name, ``auto``, ``classes``, a mapping file or a
+    :class:`data.mapping.LabelScheme`).
 
     Returns
     -------
@@ -190,31 +225,50 @@ def map_to_scheme(labels, scheme: str) -> tuple[np.ndarray, tuple]:
     scheme_classes : tuple of str
         All classes of the scheme, in order.
     """
-    from data import labels as label_api  # imported late: written by another module owner
-
-    if scheme not in label_api.SCHEMES:
-        raise InputDataError(f"unknown label scheme {scheme!r}; choose from {sorted(label_api.SCHEMES)}")
-    try:
-        mapped = np.asarray(label_api.map_labels(np.asarray(labels, dtype=str), scheme), dtype=str)
-    except ValueError as exc:
-        raise InputDataError(
-            f"the stored labels cannot be reported in scheme {scheme!r}: {exc}. "
-            "Choose a scheme the stored labels map into (bach4 labels map to bach4, bmc3 and binary)."
-        ) from exc
-    return mapped, tuple(label_api.class_names(scheme))
+    label_scheme = resolve_label_scheme(labels, scheme)
+    return np.asarray(label_scheme.map(np.asarray(labels, dtype=str)), dtype=str), tuple(label_scheme.classes)
 
 
-def build_dataset(tables, scheme: str = "bach4", names=None) -> CVDataset:
+def regroupings(label_scheme, regroup=()) -> list:
+    """Coarser schemes for report-time regrouping: the built-in ones the classes map into, then
+    each mapping file of `regroup`, which must map every class."""
+    from data.mapping import groupings, load_mapping
+
+    extra = []
+    for item in regroup:
+        mapping = item if hasattr(item, "classes") else load_mapping(item)
+        missing = mapping.accepts(label_scheme.classes)
+        if missing:
+            raise InputDataError(f"{mapping.describe()} does not map class(es) {', '.join(map(repr, missing))} of "
+                                 f"the run's scheme {label_scheme.name!r} ({', '.join(label_scheme.classes)})")
+        extra.append(mapping)
+    return groupings(label_scheme, extra)
+
+
+def _duplicates(meta: pd.DataFrame) -> list:
+    if "source_sha256" not in meta.columns:
+        return []
+    per_image = meta.drop_duplicates("image_id")
+    per_image = per_image[per_image["source_sha256"].astype(str) != ""]
+    sets = per_image.groupby("source_sha256")["image_id"].apply(sorted)
+    return sorted(ids for ids in sets if len(ids) > 1)
+
+
+def build_dataset(tables, scheme="auto", names=None, regroup=()) -> CVDataset:
     """Validate and align feature tables, and map their labels to ``scheme``.
 
     Parameters
     ----------
     tables : sequence of features.store.FeatureTable
         One or more stores of the same images (e.g. different backbones).
-    scheme : str
-        Label scheme to report in (``bach4``, ``bmc3``, ``binary``).
+    scheme : str or data.mapping.LabelScheme
+        Label scheme to report in: ``auto`` (a built-in scheme for BACH / BreakHis labels, else
+        the classes as found), ``classes``, ``bach4``, ``bmc3``, ``binary``, ``breakhis2``,
+        ``breakhis8``, or a mapping file (:mod:`data.mapping`).
     names : sequence of str, optional
         Names of the stores; default from each config's ``backbone``.
+    regroup : sequence of path or LabelScheme
+        Mapping files of coarser schemes to report too (next to the built-in ones).
 
     Returns
     -------
@@ -238,7 +292,9 @@ def build_dataset(tables, scheme: str = "bach4", names=None) -> CVDataset:
     _check_same_rows(metas, names)
 
     meta = metas[0].rename(columns={"label": "source_label"})
-    mapped, scheme_classes = map_to_scheme(meta["source_label"].to_numpy(), scheme)
+    label_scheme = resolve_label_scheme(meta["source_label"].to_numpy(), scheme)
+    mapped = np.asarray(label_scheme.map(meta["source_label"].to_numpy(dtype=str)), dtype=str)
+    scheme_classes, scheme = tuple(label_scheme.classes), label_scheme.name
     meta["label"] = mapped
     present = tuple(c for c in scheme_classes if c in set(mapped))
     unknown = sorted(set(mapped) - set(scheme_classes))
@@ -250,11 +306,10 @@ def build_dataset(tables, scheme: str = "bach4", names=None) -> CVDataset:
             f"({meta['image_id'].nunique()} images): classification needs at least two classes. "
             "Extract features from a manifest with images of several classes."
         )
-    images = (
-        meta.groupby("image_id", sort=True)
-        .agg(label=("label", "first"), group=("group", "first"), n_aug=("aug", "size"))
-        .reset_index()
-    )
+    per_image = {"label": ("label", "first"), "group": ("group", "first"), "n_aug": ("aug", "size")}
+    if "magnification" in meta.columns and (meta["magnification"].astype(str) != "").any():
+        per_image["magnification"] = ("magnification", "first")
+    images = meta.groupby("image_id", sort=True).agg(**per_image).reset_index()
     row_image = images.index.to_numpy()[
         pd.Index(images["image_id"]).get_indexer(meta["image_id"])
     ]
@@ -268,4 +323,7 @@ def build_dataset(tables, scheme: str = "bach4", names=None) -> CVDataset:
         scheme=scheme,
         absent_classes=tuple(c for c in scheme_classes if c not in present),
         store_configs=configs,
+        label_scheme=label_scheme,
+        groupings=regroupings(label_scheme, regroup),
+        duplicates=_duplicates(meta),
     )

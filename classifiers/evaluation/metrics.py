@@ -15,7 +15,13 @@ Conventions (also written into the report):
   class in bach4/bmc3 order); images predicted as a third class are left out
   and counted in ``n_excluded``;
 * ROC / AUC: one-vs-rest per class from the image-level mean probabilities,
-  macro = unweighted mean over classes.
+  macro = unweighted mean over classes;
+* any scheme: the binary row is the first two-class grouping of the scheme
+  (bach4/bmc3 -> carcinoma vs non-carcinoma, BreakHis subtypes -> malignant vs
+  benign, a ``--regroup`` mapping file), its second class positive; every
+  grouping's accuracy is in ``levels``;
+* patient-level accuracy (Spanhol et al. 2016): mean over patients (CV groups)
+  of each patient's image accuracy; per magnification when images have one.
 
 Undefined ratios (0/0) are NaN (``null`` in JSON).
 """
@@ -49,6 +55,10 @@ METRIC_CONVENTIONS = {
     "are both A or B); B, the later class in scheme order (the more malignant in bach4/bmc3), is positive; "
     "images of A or B predicted as a third class are excluded and counted in n_excluded",
     "ROC/AUC": "one-vs-rest per class from image-level mean probabilities; macro = unweighted mean over classes",
+    "patient-level accuracy": "mean over patients (the CV groups) of each patient's image accuracy (patient "
+    "recognition rate of Spanhol et al. 2016); image-level accuracy is over all images",
+    "regrouped accuracy": "truth and prediction mapped into each coarser grouping of the scheme (bach4 -> bmc3, "
+    "binary; BreakHis subtypes -> benign/malignant; --regroup mapping files)",
     "undefined ratios": "0/0 is reported as n/a (null in JSON)",
 }
 
@@ -193,7 +203,19 @@ def _clean(value):
     return value
 
 
-def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: float | None = None) -> dict:
+def grouping_to_binary(groupings):
+    """``to_binary`` for :func:`binary_table` from the first two-class grouping (None: no row)."""
+    for g in groupings:
+        if len(g.classes) == 2:
+            return lambda labels, g=g: (np.asarray(g.map(labels), dtype=str), tuple(g.classes))
+
+    def none(labels):
+        raise ValueError("no two-class grouping")
+    return none
+
+
+def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: float | None = None,
+                groupings=None) -> dict:
     """All image-level metrics of one run, JSON-ready.
 
     Parameters
@@ -205,6 +227,9 @@ def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: f
     scheme : str
     row_accuracy : float, optional
         Accuracy of single augmentations before voting (a diagnostic).
+    groupings : list of data.mapping.LabelScheme, optional
+        Coarser schemes (``CVDataset.groupings``); default: BACH's binary scheme when the
+        classes map into it.
 
     Returns
     -------
@@ -214,9 +239,12 @@ def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: f
         class table, binary table), ``roc_auc`` (per class and macro, from
         mean probabilities), ``n_images``, ``row_accuracy``.
     """
+    from classifiers.evaluation.patients import magnification_table, patient_accuracy
+
     classes = list(classes)
     truth = predictions["truth"].to_numpy(dtype=str)
     out = {"n_images": int(len(predictions)), "row_accuracy": row_accuracy}
+    to_binary = None if groupings is None else grouping_to_binary(groupings)
     for key, column in (("majority", "prediction"), ("mean_proba", "prediction_mean_proba")):
         pred = predictions[column].to_numpy(dtype=str)
         folds = fold_accuracy(predictions, column)
@@ -231,8 +259,16 @@ def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: f
                 "counts": confusion_matrix(truth, pred, labels=classes).tolist(),
             },
             "per_class": per_class_table(truth, pred, classes).to_dict(orient="records"),
-            "binary_table": binary_table(truth, pred, classes, scheme).to_dict(orient="records"),
+            "binary_table": binary_table(truth, pred, classes, scheme, to_binary).to_dict(orient="records"),
+            "levels": {g.name: {"classes": list(g.classes), "accuracy": float(np.mean(g.map(truth) == g.map(pred)))}
+                       for g in (groupings or [])},
         }
+        if "group" in predictions.columns:
+            out[key]["patient_accuracy"] = patient_accuracy(truth, pred, predictions["group"].to_numpy(dtype=str))
+            out[key]["n_patients"] = int(predictions["group"].nunique())
+        mags = magnification_table(predictions, column)
+        if len(mags):
+            out[key]["magnification"] = mags.to_dict(orient="records")
     roc = roc_per_class(truth, predictions[[f"proba_{c}" for c in classes]].to_numpy(), classes)
     out["roc_auc"] = {"per_class": roc["auc"], "macro": roc["macro_auc"]}
     return _clean(out)

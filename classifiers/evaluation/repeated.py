@@ -20,12 +20,7 @@ import pandas as pd
 from sklearn.metrics import roc_auc_score
 
 from classifiers.evaluation.cross_validation import CVConfig, CVResult, run_cross_validation
-from data.labels import map_labels
-
 logger = logging.getLogger(__name__)
-
-#: Coarser schemes a scheme's predictions can be read in (data.labels maps fine -> coarse).
-COARSER = {"bach4": ("bmc3", "binary"), "bmc3": ("binary",), "binary": ()}
 
 
 def run_repeated_cv(dataset, config: CVConfig, seeds) -> list:
@@ -53,19 +48,34 @@ def run_repeated_cv(dataset, config: CVConfig, seeds) -> list:
     return results
 
 
-def _accuracies(predictions: pd.DataFrame, scheme: str, target: str):
+def _accuracies(predictions: pd.DataFrame, grouping=None):
+    """Accuracy and per-fold accuracies, in the run's classes or read through `grouping`."""
     truth, pred = predictions["truth"].to_numpy(str), predictions["prediction"].to_numpy(str)
-    if target != scheme:
-        truth = map_labels(truth, target, source_scheme=scheme)
-        pred = map_labels(pred, target, source_scheme=scheme)
+    if grouping is not None:
+        truth, pred = grouping.map(truth), grouping.map(pred)
     correct = pd.Series(np.asarray(truth) == np.asarray(pred))
     return float(correct.mean()), correct.groupby(predictions["fold"].to_numpy()).mean().to_numpy()
 
 
-def _carcinoma_auc(predictions: pd.DataFrame, scheme: str) -> float:
-    """AUC of carcinoma vs not from the image-level mean probabilities."""
-    truth = np.asarray(map_labels(predictions["truth"].to_numpy(str), "binary", source_scheme=scheme)) == "carcinoma"
-    columns = [f"proba_{c}" for c in ("insitu", "invasive", "carcinoma") if f"proba_{c}" in predictions]
+def _binary_grouping(dataset):
+    """The first two-class grouping (carcinoma vs non-carcinoma for BACH), or the scheme itself
+    when it has two classes; None otherwise."""
+    for g in [*dataset.groupings, dataset.label_scheme]:
+        if g is not None and len(g.classes) == 2:
+            return g
+    return None
+
+
+def _positive_auc(predictions: pd.DataFrame, dataset) -> float:
+    """AUC of the binary grouping's positive (second) class from the image-level mean
+    probabilities (summed over the classes it merges)."""
+    grouping = _binary_grouping(dataset)
+    if grouping is None:
+        return float("nan")
+    positive = grouping.classes[1]
+    truth = np.asarray(grouping.map(predictions["truth"].to_numpy(str))) == positive
+    merged = [c for c in dataset.classes if grouping.map([c])[0] == positive]
+    columns = [f"proba_{c}" for c in merged if f"proba_{c}" in predictions]
     if not columns or truth.all() or not truth.any():
         return float("nan")
     return float(roc_auc_score(truth, predictions[columns].sum(axis=1)))
@@ -78,25 +88,30 @@ def ensemble_table(results: list) -> pd.DataFrame:
     (the run's and the coarser ones) ``s_mean`` (mean over seeds of the accuracy with
     majority voting), ``s_sd_seeds`` (sd of that accuracy over seeds), ``s_sd_folds`` (sd of
     the per-fold accuracies over all folds of all seeds); ``auc_carcinoma_mean`` and
-    ``auc_carcinoma_sd_seeds``.  Sorted by the run's own-scheme accuracy, best first.
+    ``auc_carcinoma_sd_seeds`` (the AUC of the positive class of the scheme's first two-class
+    grouping: carcinoma for BACH, malignant for BreakHis; ``auc_<class>`` names it for other
+    schemes).  Sorted by the run's own-scheme accuracy, best first.
     """
     if not results:
         raise ValueError("no results to tabulate")
-    scheme = results[0].dataset.scheme
-    schemes = (scheme, *COARSER[scheme])
+    dataset = results[0].dataset
+    scheme = dataset.scheme
+    targets = [(scheme, None)] + [(g.name, g) for g in dataset.groupings if g.name != scheme]
+    binary = _binary_grouping(dataset)
+    auc_name = "auc_carcinoma" if binary is None or binary.classes[1] == "carcinoma" else f"auc_{binary.classes[1]}"
     rows = []
     for i, run in enumerate(results[0].runs):
         per_seed = [result.runs[i] for result in results]
         row = {"run": run.spec.name, "classifier": run.spec.classifier, "fusion": run.spec.fusion,
                "stores": "+".join(run.store_names), "seeds": len(per_seed)}
-        for target in schemes:
-            overall, folds = zip(*(_accuracies(r.predictions, scheme, target) for r in per_seed))
+        for target, grouping in targets:
+            overall, folds = zip(*(_accuracies(r.predictions, grouping) for r in per_seed))
             row[f"{target}_mean"] = float(np.mean(overall))
             row[f"{target}_sd_seeds"] = float(np.std(overall, ddof=1)) if len(overall) > 1 else float("nan")
             row[f"{target}_sd_folds"] = float(np.std(np.concatenate(folds), ddof=1))
-        aucs = [_carcinoma_auc(r.predictions, scheme) for r in per_seed]
-        row["auc_carcinoma_mean"] = float(np.mean(aucs))
-        row["auc_carcinoma_sd_seeds"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
+        aucs = [_positive_auc(r.predictions, dataset) for r in per_seed]
+        row[f"{auc_name}_mean"] = float(np.mean(aucs))
+        row[f"{auc_name}_sd_seeds"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
         rows.append(row)
     return pd.DataFrame(rows).sort_values(f"{scheme}_mean", ascending=False, kind="stable").reset_index(drop=True)
 
@@ -104,7 +119,8 @@ def ensemble_table(results: list) -> pd.DataFrame:
 def ensemble_markdown(table: pd.DataFrame) -> str:
     """The table as Markdown, each accuracy as ``mean ± sd(seeds) [sd(folds)]``, in percent."""
     schemes = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean") and not c.startswith("auc")]
-    header = ["run", "stores", *schemes, "AUC carcinoma"]
+    auc = next(c[: -len("_mean")] for c in table.columns if c.startswith("auc_") and c.endswith("_mean"))
+    header = ["run", "stores", *schemes, "AUC " + auc[len("auc_"):]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         stores = r["stores"].split("+")  # a fusion's full list is in ensemble.csv
@@ -112,7 +128,7 @@ def ensemble_markdown(table: pd.DataFrame) -> str:
         for s in schemes:
             cells.append(f"{100 * r[f'{s}_mean']:.1f} ± {100 * r[f'{s}_sd_seeds']:.1f} "
                          f"[{100 * r[f'{s}_sd_folds']:.1f}]")
-        cells.append(f"{r['auc_carcinoma_mean']:.3f} ± {r['auc_carcinoma_sd_seeds']:.3f}")
+        cells.append(f"{r[f'{auc}_mean']:.3f} ± {r[f'{auc}_sd_seeds']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

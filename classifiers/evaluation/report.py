@@ -13,6 +13,8 @@ Layout of the report directory::
     <run>/confusion.png
     <run>/per_class.csv   precision, recall (sensitivity), specificity, F1, support
     <run>/binary_table.csv
+    <run>/magnification.csv  image- and patient-level accuracy per magnification (when images have one)
+    <run>/levels.csv      accuracy in each coarser grouping of the scheme (bmc3, binary, --regroup files)
     <run>/roc.png         one-vs-rest ROC per class from image-level mean probabilities
     report.html           all of the above in one self-contained page
 
@@ -36,6 +38,7 @@ from matplotlib.figure import Figure
 
 from classifiers.evaluation.cross_validation import CVResult
 from classifiers.evaluation.metrics import METRIC_CONVENTIONS, roc_per_class, run_metrics
+from classifiers.evaluation import report_levels
 from data.files import software_versions
 
 
@@ -53,7 +56,8 @@ def summarize(result: CVResult) -> dict:
             "fusion": run.spec.fusion,
             "stores": list(run.store_names),
             "chosen_params": list(getattr(run, "chosen_params", [])),
-            **run_metrics(run.predictions, dataset.classes, dataset.scheme, row_accuracy=row_acc),
+            **run_metrics(run.predictions, dataset.classes, dataset.scheme, row_accuracy=row_acc,
+                          groupings=getattr(dataset, "groupings", None)),
         }
     folds = result.folds
     extra = {"two_stage": result.two_stage} if getattr(result, "two_stage", None) else {}
@@ -95,6 +99,7 @@ def summarize(result: CVResult) -> dict:
             },
         },
         "conventions": METRIC_CONVENTIONS,
+        **report_levels.dataset_summary(dataset),
         "runs": runs,
         "seconds": round(result.seconds, 2),
         "environment": {"python": platform.python_version()},
@@ -232,6 +237,7 @@ def _html(summary: dict, pictures: dict) -> str:
         + f"; {cfg['n_folds']}-fold StratifiedGroupKFold, seed {cfg['seed']}; "
         + (f"XGBoost device: <b>{esc(device['xgboost'])}</b> ({esc(device['reason'])}); " if device else "")
         + f"{summary['seconds']:.1f} s.</p>",
+        *report_levels.dataset_html(summary),
         "<h3>Stores</h3>",
         _html_table(stores),
         "<h3>Images per class</h3>",
@@ -271,6 +277,7 @@ def _html(summary: dict, pictures: dict) -> str:
             f"<p>classifier {esc(r['classifier'])}, fusion {esc(r['fusion'])}, stores {esc(' + '.join(r['stores']))}; "
             f"accuracy {maj['accuracy']:.3f} (majority), {r['mean_proba']['accuracy']:.3f} (mean probability); "
             f"folds {maj['fold_accuracy_mean']:.3f} &plusmn; {_fmt(maj['fold_accuracy_sd'])}.</p>",
+            *report_levels.run_html(r, summary["n_images"]),
             "<h3>Confusion matrix (majority voting; rows truth, columns predicted)</h3>",
             _html_table(_confusion_frame(maj["confusion"]), index=True),
             "<h3>Per class</h3>",
@@ -343,6 +350,8 @@ def write_report(result: CVResult, out_dir) -> dict:
         save(run_dir / "confusion_mean_proba.csv", _confusion_frame(r["mean_proba"]["confusion"]).to_csv())
         save(run_dir / "per_class.csv", pd.DataFrame(maj["per_class"]).to_csv(index=False))
         save(run_dir / "binary_table.csv", pd.DataFrame(maj["binary_table"]).to_csv(index=False))
+        for file_name, table in report_levels.run_tables(r).items():
+            save(run_dir / file_name, table.to_csv(index=False))
         pictures[name] = {
             "confusion": confusion_png(maj["confusion"]["counts"], classes, f"{name}: majority voting"),
             "roc": roc_png(run.predictions, classes, f"{name}: one-vs-rest ROC"),

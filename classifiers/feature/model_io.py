@@ -5,8 +5,9 @@ file holds data only, and nothing is ever unpickled.
 
 Layout::
 
-    MODEL_DIR/model.json         format version, package version, scheme, classes, classifier
-                                 name and parameters, fusion, the stores' extraction configs
+    MODEL_DIR/model.json         format version, package version, scheme, label_scheme (its
+                                 classes and the label mapping), groupings (coarser schemes
+                                 predict also reports), classes, classifier name and parameters, fusion, the stores' extraction configs
                                  (their ``config.json`` records) and feature sizes, training
                                  summary, and the sha256 of every estimator file
     MODEL_DIR/estimator-<k>.json an XGBoost booster (XGBoost's own JSON, ``save_model``)
@@ -35,7 +36,7 @@ from sklearn.preprocessing import StandardScaler
 
 from data.files import atomic_directory, check_output_dir, file_sha256, package_version, software_versions
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
-from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, fit_run_model
+from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, check_scheme, fit_run_model
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
 from classifiers.feature.booster_check import BoosterFormatError, check_booster_json
 
@@ -63,8 +64,9 @@ class TrainConfig:
 
     Parameters
     ----------
-    scheme : {"bach4", "bmc3", "binary"}, default="bach4"
-        Label scheme the model predicts in.
+    scheme : str, default="auto"
+        Label scheme the model predicts in: ``auto``, ``classes``, a built-in name or a mapping
+        file (:func:`classifiers.evaluation.cv_dataset.build_dataset`).
     classifier : {"xgboost", "logreg"}, default="xgboost"
     fusion : {"concat", "mean-proba"}, default="concat"
         How several stores are combined (as in cross-validation); ignored with one store.
@@ -80,7 +82,7 @@ class TrainConfig:
         choice is recorded in the model's ``training`` entry.
     """
 
-    scheme: str = "bach4"
+    scheme: str = "auto"
     classifier: str = "xgboost"
     fusion: str = "concat"
     seed: int = 0
@@ -133,6 +135,11 @@ class TrainedModel:
         :func:`data.files.software_versions` of the training machine (``model.json``
         ``versions``); each store's config holds those of its extraction.
     format_version : int
+    label_scheme : dict
+        :meth:`data.mapping.LabelScheme.to_dict` of the scheme (classes and the mapping from the
+        training labels); empty for models written before it was recorded.
+    groupings : list of dict
+        The coarser schemes its predictions are also reported in (``predict`` gives both levels).
     """
 
     fitted: FittedModel
@@ -148,10 +155,22 @@ class TrainedModel:
     package_version: str = ""
     format_version: int = MODEL_FORMAT_VERSION
     versions: dict = field(default_factory=dict)
+    label_scheme: dict = field(default_factory=dict)
+    groupings: list = field(default_factory=list)
 
     @property
     def classes(self) -> tuple:
         return tuple(self.fitted.classes)
+
+    def scheme_objects(self) -> tuple:
+        """``(LabelScheme, [coarser LabelScheme])`` of the model (built-in ones for old models)."""
+        from data.mapping import LabelScheme, builtin_scheme, groupings
+
+        if self.label_scheme:
+            return (LabelScheme.from_dict(self.label_scheme),
+                    [LabelScheme.from_dict(g) for g in self.groupings])
+        scheme = builtin_scheme(self.scheme)
+        return scheme, groupings(scheme)
 
 
 def _json_params(params: dict) -> dict:
@@ -187,8 +206,7 @@ def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> Trai
         If the dataset is in another scheme than ``config.scheme``.
     """
     config.validate()
-    if dataset.scheme != config.scheme:
-        raise InputDataError(f"dataset is in scheme {dataset.scheme!r} but the config asks for {config.scheme!r}")
+    check_scheme(dataset, config.scheme)
     n_stores = len(dataset.X)
     fusion = "single" if n_stores == 1 else config.fusion
     name = config.classifier if n_stores == 1 else f"{config.classifier}-{fusion}"
@@ -223,6 +241,8 @@ def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> Trai
         },
         package_version=package_version(),
         versions=software_versions(),
+        label_scheme=dataset.label_scheme.to_dict(),
+        groupings=[g.to_dict() for g in dataset.groupings],
     )
 
 
@@ -333,6 +353,8 @@ def model_record(model: TrainedModel, estimator_files: list) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "versions": model.versions or software_versions(),
         "scheme": model.scheme,
+        "label_scheme": model.label_scheme,
+        "groupings": model.groupings,
         "classes": list(model.classes),
         "absent_classes": list(model.absent_classes),
         "classifier": model.classifier,
@@ -502,4 +524,6 @@ def _load_checked(model_dir: Path, record: dict) -> TrainedModel:
         package_version=made_by,
         format_version=record["format_version"],
         versions=dict(record.get("versions") or {}),
+        label_scheme=dict(record.get("label_scheme") or {}),
+        groupings=list(record.get("groupings") or []),
     )

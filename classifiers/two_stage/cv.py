@@ -44,7 +44,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from classifiers.evaluation.cv_dataset import CVDataset, InputDataError, short_list, build_dataset, map_to_scheme
+from classifiers.evaluation.cv_dataset import (CVDataset, InputDataError, build_dataset, regroupings,
+                                               resolve_label_scheme, short_list)
 from classifiers.evaluation.cross_validation import CVConfig, CVResult, RunResult, RunSpec, run_cross_validation
 from classifiers.evaluation.folds import assign_folds
 from classifiers.two_stage.grid import N_DIHEDRAL, grid_shape, orient_grid, stack_maps
@@ -159,7 +160,9 @@ def image_dataset(table: pd.DataFrame, scheme: str) -> CVDataset:
     table = table.sort_values("image_id").reset_index(drop=True)
     if table["image_id"].duplicated().any():
         raise InputDataError(f"duplicate image ids: {short_list(table.loc[table['image_id'].duplicated(), 'image_id'])}")
-    mapped, scheme_classes = map_to_scheme(table["label"].to_numpy(), scheme)
+    label_scheme = resolve_label_scheme(table["label"].to_numpy(), scheme)
+    mapped = np.asarray(label_scheme.map(table["label"].astype(str).to_numpy()), dtype=str)
+    scheme_classes, scheme = tuple(label_scheme.classes), label_scheme.name
     present = tuple(c for c in scheme_classes if c in set(mapped))
     if len(present) < 2:
         raise InputDataError(f"the data hold only one class ({', '.join(present)}) in scheme {scheme!r}: "
@@ -168,9 +171,13 @@ def image_dataset(table: pd.DataFrame, scheme: str) -> CVDataset:
     meta = pd.DataFrame({"image_id": ids, "aug": 0, "group": groups,
                          "source_label": table["label"].astype(str).to_numpy(), "label": mapped})
     images = pd.DataFrame({"image_id": ids, "label": mapped, "group": groups, "n_aug": 1})
+    if "magnification" in table.columns:
+        images["magnification"] = table["magnification"].astype(str).to_numpy()
     return CVDataset(meta=meta, X=[], store_names=[], images=images, row_image=np.arange(len(ids)),
                      classes=present, scheme=scheme,
-                     absent_classes=tuple(c for c in scheme_classes if c not in present), store_configs=[])
+                     absent_classes=tuple(c for c in scheme_classes if c not in present), store_configs=[],
+                     label_scheme=label_scheme, groupings=regroupings(label_scheme),
+                     duplicates=list(table.attrs.get("duplicates", [])))
 
 
 def check_same_images(features: CVDataset, images: CVDataset) -> None:

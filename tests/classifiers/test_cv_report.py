@@ -263,10 +263,17 @@ def test_report_files_exist(report):
         assert (out / name).is_file(), name
     for run in ("xgboost", "logreg"):
         for name in ("confusion.csv", "confusion_mean_proba.csv", "confusion.png", "per_class.csv",
-                     "binary_table.csv", "roc.png"):
+                     "binary_table.csv", "roc.png", "levels.csv"):
             assert (out / run / name).stat().st_size > 0, (run, name)
     assert (out / "xgboost" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(written["files"]) == 6 + 2 * 6
+    assert len(written["files"]) == 6 + 2 * 7
+    # bmc3 is also read as carcinoma vs non-carcinoma: the accuracy of the mapped predictions.
+    levels = pd.read_csv(out / "xgboost" / "levels.csv")
+    predictions = result.runs[0].predictions
+    carcinoma = ~predictions["truth"].eq("benign")
+    expected = float((carcinoma == ~predictions["prediction"].eq("benign")).mean())
+    assert levels.to_dict("records") == [{"level": "binary", "classes": "non-carcinoma, carcinoma",
+                                          "accuracy": pytest.approx(expected)}]
 
 
 def test_report_numbers_match_predictions(report):
