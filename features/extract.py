@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -121,6 +121,21 @@ def backbone_options(backbone: str, *, weights: str = "imagenet", stain_referenc
         stain, model_stain = "none", model.get("stain")
     return (str(two_stage_model), stain, model["crop_size"] if crop_size is None else crop_size, scale,
             model_stain)
+
+
+def resolve_config(dataset: pd.DataFrame | None = None, *, backbone: str = "efficientnet_lite0",
+                   weights: str = "imagenet", stain_reference: str | None = None, crop_size: int | None = None,
+                   scale: float | None = None, two_stage_model: str | Path | None = None,
+                   **options) -> ExtractionConfig:
+    """The :class:`ExtractionConfig` of options as a user gives them: :func:`backbone_options`'
+    backbone-dependent defaults (``None``: the default), then :func:`make_config` with the other
+    ``options`` (augmentations, crops, pooling, mode, precision, seed, batch_size)."""
+    weights, stain_reference, crop_size, scale, model_stain = backbone_options(
+        backbone, weights=weights, stain_reference=stain_reference, crop_size=crop_size, scale=scale,
+        two_stage_model=two_stage_model)
+    config = make_config(dataset, backbone=backbone, weights=weights, stain_reference=stain_reference,
+                         crop_size=crop_size, scale=scale, **options)
+    return config if model_stain is None else replace(config, stain=model_stain)
 
 
 def describe_device() -> str:

@@ -18,33 +18,18 @@ calls the library and writes the report (see :mod:`classifiers.evaluation.report
 from __future__ import annotations
 
 import argparse
-import logging
-import os
-
-# XGBoost's OpenMP threads busy-wait by default; on a machine whose cores are shared with
-# other jobs a 2-thread fit then runs ~100x slower (measured: 0.15 s -> 8-19 s for a small
-# fit).  Passive waiting must be set before the OpenMP runtime loads, i.e. before
-# scikit-learn / XGBoost are imported; an explicit user setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
 import json
+import logging
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
+from pipeline._common import run  # first: sets passive OpenMP waiting before XGBoost loads
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.feature.estimators import DEVICE_CHOICES, DeviceUnavailableError
 from classifiers.feature.presets import PRESET_NAMES, get_preset
 
-from classifiers.two_stage.model import TwoStageInputError
-from classifiers.two_stage.training import CheckpointMismatchError
-from data.datasets import DatasetError
-from data.io import ImageReadError
-from features.stain import StainNormalizationError
-
 logger = logging.getLogger("pipeline.cv_report")
-#: Input errors of the two-stage path, reported as "error: ..." with exit status 2.
-_TWO_STAGE_ERRORS = (TwoStageInputError, CheckpointMismatchError, DatasetError, ImageReadError,
-                     StainNormalizationError)
 SCHEME_CHOICES = ("bach4", "bmc3", "binary")
 TWO_STAGE = "two_stage"
 ALL_CLASSIFIERS = CLASSIFIER_NAMES + (TWO_STAGE,)
@@ -192,9 +177,17 @@ def main(argv=None) -> dict:
     with status 2 and a message saying what to do.
     """
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run(parser, partial(report, parser), argv, errors=(DeviceUnavailableError,),
+               interrupted=_interrupted, exit_on_error=True, timestamps=True)
+
+
+def _interrupted(args) -> str:
+    return (f"interrupted; rerun the same command to resume (finished two-stage folds and epochs are kept "
+            f"under {Path(args.out) / 'two_stage_folds'})")
+
+
+def report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """Cross-validate what the options select and write the report directory."""
     classifiers = selected_classifiers(args)
     _check_inputs(parser, args, classifiers)
     config = config_from_args(args)
@@ -204,40 +197,30 @@ def main(argv=None) -> dict:
     except ValueError as exc:
         parser.error(str(exc))
 
-    from features.store import StoreError, load_store  # imported late: only the CLI needs the store format
-    from classifiers.feature.presets import PresetStoreError, select_stores
+    from features.store import load_store  # imported late: only the CLI needs the store format
+    from classifiers.feature.presets import select_stores
     from classifiers.evaluation.report import write_report
 
-    try:
-        check_report_out(args.out, args.overwrite)  # before any work
-    except FileExistsError as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
-    try:
-        paths = args.features or ()
-        if args.preset:
-            paths = select_stores(get_preset(args.preset), paths)
-            logger.info("preset %s: stores %s", args.preset, ", ".join(map(str, paths)))
-        tables = [load_store(path) for path in paths]
-        if TWO_STAGE in classifiers:
-            result = _two_stage(args, config, tables)
-        elif args.seeds:
-            return _repeated(build_dataset(tables, config.scheme), config, args.seeds, args.out)
-        else:
-            dataset = build_dataset(tables, config.scheme)
-            result = run_cross_validation(dataset, config)
-    except KeyboardInterrupt:
-        parser.exit(130, f"{parser.prog}: interrupted; rerun the same command to resume (finished two-stage "
-                    f"folds and epochs are kept under {Path(args.out) / 'two_stage_folds'})\n")
-    except (InputDataError, StoreError, PresetStoreError, DeviceUnavailableError, FileNotFoundError,
-            ValueError) + _TWO_STAGE_ERRORS as exc:
-        parser.exit(2, f"{parser.prog}: error: {exc}\n")
+    check_report_out(args.out, args.overwrite)  # before any work
+    paths = args.features or ()
+    if args.preset:
+        paths = select_stores(get_preset(args.preset), paths)
+        logger.info("preset %s: stores %s", args.preset, ", ".join(map(str, paths)))
+    tables = [load_store(path) for path in paths]
+    if TWO_STAGE in classifiers:
+        result = _two_stage(args, config, tables)
+    elif args.seeds:
+        return _repeated(build_dataset(tables, config.scheme), config, args.seeds, args.out)
+    else:
+        dataset = build_dataset(tables, config.scheme)
+        result = run_cross_validation(dataset, config)
     written = write_report_dir(args.out, lambda tmp: write_report(result, tmp))
-    for name, run in written["summary"]["runs"].items():
-        maj = run["majority"]
+    for name, run_ in written["summary"]["runs"].items():
+        maj = run_["majority"]
         logger.info(
             "%s: accuracy %.3f (majority), %.3f (mean proba); folds %.3f +- %.3f; macro AUC %.3f",
-            name, maj["accuracy"], run["mean_proba"]["accuracy"], maj["fold_accuracy_mean"],
-            _number(maj["fold_accuracy_sd"]), _number(run["roc_auc"]["macro"]),
+            name, maj["accuracy"], run_["mean_proba"]["accuracy"], maj["fold_accuracy_mean"],
+            _number(maj["fold_accuracy_sd"]), _number(run_["roc_auc"]["macro"]),
         )
     logger.info("report written to %s (%d files)", args.out, len(written["files"]))
     return written

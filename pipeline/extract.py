@@ -13,9 +13,9 @@ import argparse
 import importlib
 import logging
 import sys
-from dataclasses import replace
 from pathlib import Path
 
+from pipeline._common import run
 from classifiers.feature.presets import PRESET_NAMES, STORE_FIELDS, get_preset
 from features.backbones import backbone_names
 from features.config import MODES, PRECISIONS, ExtractionConfig
@@ -24,12 +24,13 @@ from features.pooling import POOLINGS
 log = logging.getLogger("pipeline.extract")
 
 SYNTHETIC = "synthetic"
+PROG = "python -m pipeline.extract"
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = ExtractionConfig
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.extract",
+        prog=PROG,
         description="Extract deep features (one vector per image and colour augmentation) into "
         "a feature store keyed by the full config. Rerunning skips finished images.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -91,48 +92,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from data.datasets import DatasetError, load_dataset
-    from data.synthetic import write_dataset
-    from features.backbones import WeightsNotFoundError
-    from features.extract import backbone_options, extract_to_store, make_config
-    from features.stain import StainNormalizationError
-    from features.store import StoreError
+    return run(build_parser(), extract, argv)
 
-    try:
-        if args.out.exists() and not args.out.is_dir():
-            raise ValueError(f"--out {args.out} is a file; the store root must be a directory")
-        stores = store_options(args)  # option clashes fail before any data is read or written
-        source = args.data
-        if source == SYNTHETIC:
-            # 8 per class: enough for 6-fold CV; 384x512 keeps the demo to seconds per image.
-            source = write_dataset(args.out / "synthetic-data", n_per_class=8,
-                                   size=(384, 512), seed=args.seed)
-        dataset = load_dataset(source)
-        for options in stores:
-            weights, stain_reference, crop_size, scale, model_stain = backbone_options(
-                options.backbone, weights=options.weights, stain_reference=options.stain_reference,
-                crop_size=options.crop_size, scale=options.scale,
-                two_stage_model=options.two_stage_model)
-            config = make_config(
-                dataset, backbone=options.backbone, weights=weights,
-                stain_reference=stain_reference, augmentations=options.augmentations,
-                crops=options.crops, crop_size=crop_size, scale=scale,
-                pooling=options.pooling, mode=options.mode, precision=options.precision,
-                seed=options.seed, batch_size=options.batch_size,
-            )
-            if model_stain is not None:
-                config = replace(config, stain=model_stain)
-            if args.dask:
-                summary = _extract_on_dask(args, dataset, config)
-            else:
-                summary = extract_to_store(dataset, config, args.out, progress=not args.quiet)
-            print(report(summary, config), flush=True)
-    except (DatasetError, WeightsNotFoundError, StainNormalizationError, StoreError,
-            ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+#: Options of one store, as :func:`features.extract.resolve_config` takes them.
+CONFIG_OPTIONS = ("backbone", "weights", "stain_reference", "crop_size", "scale", "two_stage_model",
+                  "augmentations", "crops", "pooling", "mode", "precision", "seed", "batch_size")
+
+
+def extract(args) -> int:
+    """Extract every store the options ask for; prints one summary per store."""
+    from data.datasets import load_dataset
+    from data.synthetic import write_dataset
+    from features.extract import extract_to_store, resolve_config
+
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} is a file; the store root must be a directory")
+    stores = store_options(args)  # option clashes fail before any data is read or written
+    source = args.data
+    if source == SYNTHETIC:
+        # 8 per class: enough for 6-fold CV; 384x512 keeps the demo to seconds per image.
+        source = write_dataset(args.out / "synthetic-data", n_per_class=8, size=(384, 512), seed=args.seed)
+    dataset = load_dataset(source)
+    for options in stores:
+        config = resolve_config(dataset, **{k: getattr(options, k) for k in CONFIG_OPTIONS})
+        if args.dask:
+            summary = _extract_on_dask(args, dataset, config)
+        else:
+            summary = extract_to_store(dataset, config, args.out, progress=not args.quiet)
+        print(report(summary, config), flush=True)
     return 0
 
 

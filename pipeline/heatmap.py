@@ -24,27 +24,13 @@ cols), ``<stem>.heatmap.json`` (window positions, classes, whole-image predictio
 from __future__ import annotations
 
 import argparse
-import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
+from pipeline._common import add_weights_option, run
 
-# Passive OpenMP waiting before XGBoost / scikit-learn load (see pipeline/cv_report.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-log = logging.getLogger("pipeline.heatmap")
 PROG = "python -m pipeline.heatmap"
-
-
-def _weights_pair(text: str) -> tuple:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected BACKBONE=FILE, got {text!r}")
-    return name, path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,150 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "window probabilities")
     p.add_argument("--classes", nargs="+", default=None, metavar="CLASS",
                    help="classes to draw (default: all; with two classes the second)")
-    p.add_argument("--weights", action="append", type=_weights_pair, default=[], metavar="BACKBONE=FILE",
-                   help="use this weights file for a backbone (same sha256 as the model records)")
+    add_weights_option(p, "use this weights file for a backbone (same sha256 as the model records)")
     p.add_argument("--batch-size", type=int, default=8, help="crops per forward pass with --exact")
     p.add_argument("--alpha", type=float, default=0.5, help="opacity of the probability layer")
     p.add_argument("--cmap", default="jet", help="matplotlib colour map of the probability layer")
     p.add_argument("--dpi", type=int, default=100, help="PNG resolution (each panel is 4 inches wide)")
     return p
-
-
-def model_kind(model_dir: Path) -> str:
-    """``"features"``, ``"patch_cnn"`` or ``"two_stage"`` from the files in ``model_dir``."""
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
-    if (model_dir / "model.json").is_file():
-        return "features"
-    if (model_dir / "patch_cnn.json").is_file():
-        return "patch_cnn"
-    config = model_dir / "config.json"
-    if config.is_file():
-        try:
-            if json.loads(config.read_text(encoding="utf-8")).get("model") == "two_stage":
-                return "two_stage"
-        except ValueError:
-            pass
-    raise ValueError(f"{model_dir} is not a model directory of this package (no model.json, patch_cnn.json "
-                     "or two-stage config.json); make one with pipeline.train, pipeline.patch_cnn train or "
-                     "pipeline.two_stage train")
-
-
-def _check_window(window: int | None, needed: int, what: str) -> int:
-    if window is not None and window != needed:
-        raise ValueError(f"{what} classifies {needed}-pixel windows only; drop --window or pass --window {needed}")
-    return needed
-
-
-class FeatureModelMaps:
-    """Heatmaps of a ``pipeline.train`` model (deep features + classifier)."""
-
-    def __init__(self, model_dir: Path, args):
-        from classifiers.heatmap import FeatureSource
-        from classifiers.feature.model_io import load_model
-        from classifiers.feature.predict import reproducible_configs
-        from features.extract import FeatureExtractor
-
-        self.args, self.model = args, load_model(model_dir)
-        self.weights = dict(args.weights)
-        self.configs = reproducible_configs(self.model, self.weights)
-        self.window = args.window or self.configs[0].crop_size
-        if not self.window:  # mode "whole": trained on whole images, no crop size to inherit
-            raise ValueError("this model was trained on whole images (extraction mode 'whole'); "
-                             "choose the heatmap window side with --window PIXELS")
-        self.step = args.step or 128
-        batch = args.batch_size if args.exact else 1  # feature_maps pads its batch: 1 image per pass
-        self.sources = [FeatureSource(FeatureExtractor(c, batch_size=batch), c.scale, c.stain) for c in self.configs]
-        self.whole = {}
-
-    def prepare(self, paths) -> None:
-        """The model's own whole-image predictions (every augmentation, majority vote)."""
-        if self.args.whole_image != "model":
-            return
-        from classifiers.feature.predict import predict_images
-
-        result = predict_images(self.model, paths, weights=self.weights)
-        for row in result.table.to_dict("records"):
-            self.whole[row["image"]] = row
-
-    def __call__(self, path: str, raw):
-        from classifiers.heatmap import feature_heatmap
-        from features.transforms import scale_image
-
-        heatmap = feature_heatmap(raw, self.sources, self.model.fitted, window=self.window, step=self.step,
-                                  classes=self.model.classes, exact=self.args.exact)
-        row = self.whole.get(path)
-        if row is not None:
-            votes = ", ".join(f"{c} {row[f'votes_{c}']}" for c in heatmap.classes if row[f"votes_{c}"])
-            heatmap.image_proba = np.array([row[f"proba_{c}"] for c in heatmap.classes])
-            heatmap.image_label = row["prediction"]
-            heatmap.image_source = f"model vote over {row['n_aug']} augmentations: {votes}"
-        return scale_image(raw, self.configs[0].scale), heatmap
-
-
-class PatchCNNMaps:
-    """Heatmaps of a patch ConvNet (``pipeline.patch_cnn train``)."""
-
-    def __init__(self, model_dir: Path, args):
-        from classifiers.patch_cnn.model import PATCH_SIZE, PatchCNN
-
-        self.model = PatchCNN.load(model_dir)
-        self.window = _check_window(args.window, PATCH_SIZE, "the patch ConvNet")
-        self.step = args.step or 8
-
-    def prepare(self, paths) -> None:
-        pass
-
-    def __call__(self, path: str, raw):
-        from classifiers.heatmap import sliding_window_heatmap
-        from features.transforms import scale_image
-
-        image = scale_image(raw, self.model.config.scale)
-        heatmap = sliding_window_heatmap(image, self.model.predict_proba, self.model.classes, window=self.window,
-                                         step=self.step, batch_size=2048, scale=self.model.config.scale,
-                                         method="patch ConvNet, window by window")
-        return image, heatmap
-
-
-class TwoStageMaps:
-    """Heatmaps of a two-stage model: windows of its patch size through the patch-wise network."""
-
-    def __init__(self, model_dir: Path, args):
-        from classifiers.two_stage.model import TwoStageModel
-
-        self.args, self.model = args, TwoStageModel.load(model_dir)
-        k = self.model.cfg.patch_size
-        self.window = _check_window(args.window, k, "the two-stage model's patch-wise network")
-        self.step = args.step or max(1, k // 4)
-
-    def prepare(self, paths) -> None:
-        pass
-
-    def _patch_proba(self, crops):
-        net, b = self.model.patch_net_, self.model.cfg.inference_batch_size
-        return np.concatenate([np.asarray(net(crops[i:i + b].astype(np.float32), training=False))
-                               for i in range(0, len(crops), b)])
-
-    def __call__(self, path: str, raw):
-        from classifiers.heatmap import sliding_window_heatmap
-        from classifiers.two_stage.model import TwoStageInputError
-        from features.transforms import scale_image
-
-        cfg = self.model.cfg
-        image = self.model.preprocess(raw, path)
-        heatmap = sliding_window_heatmap(image, self._patch_proba, self.model.classes_, window=self.window,
-                                         step=self.step, batch_size=cfg.inference_batch_size, scale=cfg.scale,
-                                         method="two-stage patch-wise network, window by window")
-        if self.args.whole_image == "model":
-            try:
-                heatmap.image_proba = np.asarray(self.model.predict_proba(raw)[0], dtype=float)
-                heatmap.image_source = "two-stage prediction"
-            except TwoStageInputError as exc:
-                heatmap.notes.append(f"no two-stage prediction ({exc}); title shows the mean of the windows")
-        return scale_image(raw, cfg.scale), heatmap
-
-
-MAKERS = {"features": FeatureModelMaps, "patch_cnn": PatchCNNMaps, "two_stage": TwoStageMaps}
 
 
 def _unique_stem(path: str, used: set) -> str:
@@ -227,45 +75,28 @@ def _unique_stem(path: str, used: set) -> str:
 
 def main(argv=None) -> int:
     """Make the heatmaps; returns 0, or 2 with a message on bad input."""
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from classifiers.heatmap import render_overlay, save_heatmap
-    from data.io import ImageReadError, read_image
+    return run(build_parser(), heatmaps, argv)
 
-    if (args.window is not None and args.window < 1) or (args.step is not None and args.step < 1):
-        print(f"{PROG}: error: --window and --step must be >= 1 pixel", file=sys.stderr)
-        return 2
-    try:
-        kind = model_kind(Path(args.model))
-        maker = MAKERS[kind](Path(args.model), args)
-        if args.classes:
-            known = tuple(getattr(maker.model, "classes", None) or maker.model.classes_)
-            unknown = sorted(set(args.classes) - set(known))
-            if unknown:
-                raise ValueError(f"--classes {unknown} not among the model's classes {', '.join(known)}")
-        readable, skipped = [], []
-        for path in args.images:
-            try:
-                readable.append((path, read_image(path)))
-            except ImageReadError as exc:
-                skipped.append((path, exc.reason))
-                log.warning("skipped %s: %s", path, exc.reason)
-        if not readable:
-            raise ValueError("no readable image: " + "; ".join(f"{p}: {r}" for p, r in skipped))
-        maker.prepare([p for p, _ in readable])
-        lines, used = [], set()
-        for path, raw in readable:
-            start = time.perf_counter()
-            image, heatmap = maker(path, raw)
-            stem = _unique_stem(path, used)
-            files = save_heatmap(heatmap, args.out, stem, image=path)
-            png = render_overlay(image, heatmap, Path(args.out) / f"{stem}.heatmap.png", classes=args.classes,
-                                 title=Path(path).name, alpha=args.alpha, cmap=args.cmap, dpi=args.dpi)
-            lines.append(report_line(path, heatmap, png, files["json"], time.perf_counter() - start))
-    except (FileNotFoundError, ValueError) as exc:  # incl. model format / compatibility errors
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+
+def heatmaps(args) -> int:
+    """Every readable image's maps, sidecar and overlay; prints one line per image."""
+    from classifiers.heatmap import render_overlay, save_heatmap
+    from classifiers.model_heatmaps import open_heatmaps, read_heatmap_inputs
+
+    maker = open_heatmaps(args.model, window=args.window, step=args.step, exact=args.exact,
+                          whole_image=args.whole_image, weights=args.weights, batch_size=args.batch_size,
+                          classes=args.classes)
+    readable, skipped = read_heatmap_inputs(args.images)
+    maker.prepare([p for p, _ in readable])
+    lines, used = [], set()
+    for path, raw in readable:
+        start = time.perf_counter()
+        image, heatmap = maker(path, raw)
+        stem = _unique_stem(path, used)
+        files = save_heatmap(heatmap, args.out, stem, image=path)
+        png = render_overlay(image, heatmap, Path(args.out) / f"{stem}.heatmap.png", classes=args.classes,
+                             title=Path(path).name, alpha=args.alpha, cmap=args.cmap, dpi=args.dpi)
+        lines.append(report_line(path, heatmap, png, files["json"], time.perf_counter() - start))
     lines += [f"skipped {p}: {r}" for p, r in skipped]
     print("\n".join(lines))
     return 0

@@ -23,6 +23,8 @@ import logging
 import sys
 from pathlib import Path
 
+from pipeline._common import add_training_options, run, training_config
+
 log = logging.getLogger("pipeline.patch_cnn")
 PROG = "python -m pipeline.patch_cnn"
 
@@ -45,13 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="annotation coordinates: detected per file, or forced")
     t.add_argument("--drop-outside-points", action="store_true",
                    help="drop (and list) points outside their image instead of stopping")
-    t.add_argument("--epochs", type=int, default=d.epochs)
-    t.add_argument("--batch-size", type=int, default=d.batch_size)
-    t.add_argument("--lr", type=float, default=d.learning_rate, help="Adam learning rate")
+    add_training_options(t, d, seed_help="weights, split, sampling, batch order", quiet_help="no per-epoch lines")
     t.add_argument("--dropout", type=float, default=d.dropout)
-    t.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of images for validation")
     t.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of images for test")
-    t.add_argument("--scale", type=float, default=d.scale, help="resize factor applied to images first")
     t.add_argument("--jitter", type=int, default=s.jitter, help="max shift of a tumour patch off its point (px)")
     t.add_argument("--margin", type=int, default=s.margin,
                    help="non-tumour patches keep annotated points this far outside (px)")
@@ -59,9 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="non-tumour patches per tumour patch of an image")
     t.add_argument("--min-negatives", type=int, default=s.min_negatives, help="non-tumour patches per image at least")
     t.add_argument("--max-positives", type=int, default=None, help="tumour points used per image at most")
-    t.add_argument("--seed", type=int, default=d.seed, help="weights, split, sampling, batch order")
     t.add_argument("--overwrite", action="store_true", help="replace an existing patch ConvNet directory")
-    t.add_argument("--quiet", action="store_true", help="no per-epoch lines")
     g = sub.add_parser("synthetic", formatter_class=fmt, help="write a synthetic annotated data set")
     g.add_argument("--out", required=True, type=Path, help="folder for images/ and groundTruth/")
     g.add_argument("--images", type=int, default=10, help="number of images")
@@ -77,9 +73,7 @@ def train(args) -> str:
         RECORD_FILE, PATCH_SIZE, PatchCNNConfig, build_patch_dataset, pair_annotation_files, train_patch_cnn,
     )
 
-    config = PatchCNNConfig(epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
-                            dropout=args.dropout, val_fraction=args.val_fraction,
-                            test_fraction=args.test_fraction, scale=args.scale, seed=args.seed)
+    config = PatchCNNConfig(**training_config(args), dropout=args.dropout, test_fraction=args.test_fraction)
     sampling = PatchSampling(patch_size=PATCH_SIZE, jitter=args.jitter, margin=args.margin,
                              negatives_per_positive=args.negatives_per_positive,
                              min_negatives=args.min_negatives, max_positives=args.max_positives)
@@ -125,20 +119,18 @@ def report(model, out: Path) -> str:
 
 def main(argv=None) -> int:
     """Run a subcommand; returns 0, or 2 with a message on bad input."""
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.command == "synthetic":
-            from classifiers.patch_cnn.annotations import write_synthetic_annotated
+    return run(build_parser(), command, argv)
 
-            out = write_synthetic_annotated(args.out, args.images, tuple(args.size), args.seed)
-            print(f"wrote {args.images} images to {out / 'images'} and annotations to {out / 'groundTruth'}")
-            return 0
-        print(train(args))
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:  # AnnotationError is a ValueError
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return 2
+
+def command(args) -> int:
+    """``synthetic`` or ``train``; prints what was written."""
+    if args.command == "synthetic":
+        from classifiers.patch_cnn.annotations import write_synthetic_annotated
+
+        out = write_synthetic_annotated(args.out, args.images, tuple(args.size), args.seed)
+        print(f"wrote {args.images} images to {out / 'images'} and annotations to {out / 'groundTruth'}")
+        return 0
+    print(train(args))
     return 0
 
 

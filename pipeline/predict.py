@@ -24,23 +24,16 @@ import logging
 import os
 import sys
 
-# Passive OpenMP waiting before XGBoost / scikit-learn load (see pipeline/cv_report.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from pipeline._common import add_weights_option, run
 
 log = logging.getLogger("pipeline.predict")
-
-
-def _weights_pair(text: str) -> tuple:
-    name, sep, path = text.partition("=")
-    if not sep or not name or not path:
-        raise argparse.ArgumentTypeError(f"expected BACKBONE=FILE, got {text!r}")
-    return name, path
+PROG = "python -m pipeline.predict"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.predict",
+        prog=PROG,
         description="Predict images (files or folders, searched recursively) with a model directory "
         "made by python -m pipeline.train; writes class, mean probabilities and votes per image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -49,8 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, metavar="MODEL_DIR",
                    help="model directory: pipeline.train --out, or a two-stage model (pipeline.two_stage train --out)")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
-    p.add_argument("--weights", action="append", type=_weights_pair, default=[], metavar="BACKBONE=FILE",
-                   help="use this weights file for a backbone (it must have the sha256 the model records)")
+    add_weights_option(p, "use this weights file for a backbone (it must have the sha256 the model records)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="crops per forward pass (default: the model's, which reproduces its features "
                    "bit for bit)")
@@ -60,30 +52,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Predict and write the CSV; returns 0, or 2 with a message on bad input."""
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from classifiers.feature.model_io import ModelFormatError, load_model
-    from classifiers.feature.predict import ModelCompatibilityError, predict_images, reproducible_configs
+    return run(build_parser(), predict, argv)
 
-    prog = "python -m pipeline.predict"
-    try:
-        check_csv_out(args.out)  # before any work
-    except ValueError as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
+
+def predict(args) -> int:
+    """Predict every image of the inputs and write the CSV."""
+    from classifiers.feature.model_io import load_model
+    from classifiers.feature.predict import predict_images, reproducible_configs
+
+    check_csv_out(args.out)  # before any work
     if is_two_stage_model(args.model):
-        return _main_two_stage(args, prog)
-    try:
-        model = load_model(args.model)
-        reproducible_configs(model, dict(args.weights))  # a model we cannot apply fails before any input check
-        paths, skipped = _inputs(args.images)
-        result = predict_images(model, paths, weights=dict(args.weights), batch_size=args.batch_size,
-                                progress=not args.quiet)
-    except (ModelFormatError, ModelCompatibilityError, ValueError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    return _write(result, skipped + result.skipped, paths, args.out, prog)
+        return _predict_two_stage(args)
+    model = load_model(args.model)
+    reproducible_configs(model, dict(args.weights))  # a model we cannot apply fails before any input check
+    paths, skipped = _inputs(args.images)
+    result = predict_images(model, paths, weights=dict(args.weights), batch_size=args.batch_size,
+                            progress=not args.quiet)
+    return _write(result, skipped + result.skipped, paths, args.out)
 
 
 def check_csv_out(out) -> None:
@@ -120,25 +105,21 @@ def is_two_stage_model(model_dir) -> bool:
             and (d / "patch_net.keras").is_file() and (d / "image_net.keras").is_file())
 
 
-def _main_two_stage(args, prog: str) -> int:
+def _predict_two_stage(args) -> int:
     from classifiers.two_stage.model import TwoStageModel
     from classifiers.two_stage.cv import predict_two_stage_images
 
-    try:
-        if args.weights:
-            raise ValueError("--weights is for deep-feature models; a two-stage model holds its own weights")
-        model = TwoStageModel.load(args.model)
-        paths, skipped = _inputs(args.images)
-        result = predict_two_stage_images(model, paths)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
-        return 2
-    return _write(result, skipped + result.skipped, paths, args.out, prog, "could be read and used")
+    if args.weights:
+        raise ValueError("--weights is for deep-feature models; a two-stage model holds its own weights")
+    model = TwoStageModel.load(args.model)
+    paths, skipped = _inputs(args.images)
+    result = predict_two_stage_images(model, paths)
+    return _write(result, skipped + result.skipped, paths, args.out, "could be read and used")
 
 
-def _write(result, skipped, paths, out, prog: str, failure: str = "could be read") -> int:
+def _write(result, skipped, paths, out, failure: str = "could be read") -> int:
     if result.table.empty:
-        print(f"{prog}: error: none of the {len(paths)} images {failure}:", file=sys.stderr)
+        print(f"{PROG}: error: none of the {len(paths)} images {failure}:", file=sys.stderr)
         for item in skipped:
             print(f"  {item['image']}: {item['reason']}", file=sys.stderr)
         return 2

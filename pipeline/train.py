@@ -18,25 +18,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
-# Passive OpenMP waiting before XGBoost / scikit-learn load (see pipeline/cv_report.py).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
+from pipeline._common import run  # first: sets passive OpenMP waiting before XGBoost loads
 from classifiers.evaluation.cross_validation import FUSION_CHOICES
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES
 from classifiers.feature.presets import PRESET_NAMES, get_preset
 from features.config import ExtractionConfig
 
 log = logging.getLogger("pipeline.train")
+PROG = "python -m pipeline.train"
 SCHEME_CHOICES = ("bach4", "bmc3", "binary")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.train",
+        prog=PROG,
         description="Fit the final classifier on all images of one or more feature stores and save "
         "it as a model directory (JSON/.npz only) for python -m pipeline.predict.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -69,15 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Train and save; returns 0, or 2 with a message on bad input."""
-    args = build_parser().parse_args(argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from classifiers.evaluation.cv_dataset import InputDataError, build_dataset
-    from classifiers.feature.model_io import TrainConfig, check_model_out, save_model, train_model
     from classifiers.feature.estimators import DeviceUnavailableError
-    from features.store import StoreError, exclude_images, load_store
 
-    from classifiers.feature.presets import PresetStoreError, select_stores
+    return run(build_parser(), train, argv, errors=(DeviceUnavailableError,))
+
+
+def train(args) -> int:
+    """Fit on every image of the stores, save the model directory, print what was done."""
+    from classifiers.evaluation.cv_dataset import build_dataset
+    from classifiers.feature.model_io import TrainConfig, check_model_out, save_model, train_model
+    from classifiers.feature.presets import select_stores
+    from features.store import exclude_images, load_store
 
     preset = get_preset(args.preset) if args.preset else None
     config = TrainConfig(scheme=args.labels,
@@ -85,28 +85,23 @@ def main(argv=None) -> int:
                          fusion=args.fusion or (preset.fusion if preset else "concat"),
                          seed=args.seed, n_jobs=args.n_jobs, device=args.device,
                          tune=args.tune or bool(preset and preset.tune))
-    try:
-        config.validate()
-        if args.dask and config.classifier != "xgboost":
-            raise ValueError(f"--dask trains xgboost only; train {config.classifier} without --dask")
-        if args.dask and config.tune:
-            raise ValueError("--tune is not available with --dask; tune on one machine or drop --tune")
-        check_model_out(args.out, overwrite=args.overwrite)  # before any work
-        paths = select_stores(preset, args.features) if preset else args.features
-        tables = [exclude_images(load_store(path), args.exclude) for path in paths]
-        dataset = build_dataset(tables, config.scheme)
-        if args.dask:
-            from features.distributed import dask_client
+    config.validate()
+    if args.dask and config.classifier != "xgboost":
+        raise ValueError(f"--dask trains xgboost only; train {config.classifier} without --dask")
+    if args.dask and config.tune:
+        raise ValueError("--tune is not available with --dask; tune on one machine or drop --tune")
+    check_model_out(args.out, overwrite=args.overwrite)  # before any work
+    paths = select_stores(preset, args.features) if preset else args.features
+    tables = [exclude_images(load_store(path), args.exclude) for path in paths]
+    dataset = build_dataset(tables, config.scheme)
+    if args.dask:
+        from features.distributed import dask_client
 
-            with dask_client(args.dask) as client:
-                model = train_model(dataset, config, client=client)
-        else:
-            model = train_model(dataset, config)
-        out = save_model(model, args.out, overwrite=args.overwrite)
-    except (InputDataError, StoreError, PresetStoreError, DeviceUnavailableError, FileExistsError, FileNotFoundError,
-            ValueError) as exc:
-        print(f"python -m pipeline.train: error: {exc}", file=sys.stderr)
-        return 2
+        with dask_client(args.dask) as client:
+            model = train_model(dataset, config, client=client)
+    else:
+        model = train_model(dataset, config)
+    out = save_model(model, args.out, overwrite=args.overwrite)
     print(report(model, out))
     if args.exclude:
         print(f"left out of training: {', '.join(args.exclude)}")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from classifiers.two_stage.model import METHODS, TwoStageConfig
 from data.labels import SCHEMES
+from pipeline._common import add_training_options, run, training_config
 
 log = logging.getLogger("pipeline.two_stage")
 
@@ -36,17 +37,16 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--scheme", default=d.scheme, choices=sorted(SCHEMES), help="label scheme")
     t.add_argument("--patch-size", type=int, default=d.patch_size, help="patch side k (multiple of 32)")
     t.add_argument("--stride", type=int, default=d.stride, help="patch stride for the patch-wise network")
-    t.add_argument("--scale", type=float, default=d.scale, help="resize factor applied to images first")
     t.add_argument("--channels", type=int, default=d.channels, help="maps per patch (C)")
     t.add_argument("--width", type=int, default=d.patch_width, help="first-block channels, patch-wise network")
     t.add_argument("--image-width", type=int, default=d.image_width, help="first-block channels, image-wise network")
     t.add_argument("--head", default=d.patch_head, choices=("flatten", "gap"),
                    help="patch-wise training head: the authors' flatten + dense, or global average "
                    "pooling + dense")
-    t.add_argument("--epochs", type=int, default=d.epochs, help="patch-wise epochs")
+    add_training_options(t, d, epochs_help="patch-wise epochs", batch_help="mini-batch size",
+                         val_help="training images held out for validation and early stopping (0: none)",
+                         seed_help="root of all random draws", quiet_help="no progress bars")
     t.add_argument("--image-epochs", type=int, default=d.image_epochs, help="maximum image-wise epochs")
-    t.add_argument("--batch-size", type=int, default=d.batch_size, help="mini-batch size")
-    t.add_argument("--lr", type=float, default=d.learning_rate, help="Adam learning rate")
     t.add_argument("--lr-decay", type=float, default=d.lr_decay, help="learning-rate factor per step")
     t.add_argument("--lr-decay-every", type=int, default=d.lr_decay_every, help="epochs per step")
     t.add_argument("--patch-copies", type=int, default=d.patch_copies,
@@ -55,14 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="augmented views of each image for the image-wise network")
     t.add_argument("--color-jitter", type=float, default=d.color_jitter,
                    help="saturation/contrast/brightness factors in U(1-x, 1+x)")
-    t.add_argument("--val-fraction", type=float, default=d.val_fraction,
-                   help="training images held out for validation and early stopping (0: none)")
     t.add_argument("--patience", type=int, default=d.patience, help="early-stopping patience (image-wise)")
     t.add_argument("--stain-reference", default="none",
                    help="Macenko reference image, 'auto' (most typical dataset image) or 'none'")
     t.add_argument("--cache-mb", type=float, default=d.cache_mb, help="memory for decoded training images")
-    t.add_argument("--seed", type=int, default=d.seed, help="root of all random draws")
-    t.add_argument("--quiet", action="store_true", help="no progress bars")
 
     r = sub.add_parser("predict", formatter_class=fmt, help="classify images with a trained model")
     r.add_argument("--model", required=True, type=Path, help="model directory written by 'train'")
@@ -86,23 +82,16 @@ def train(args) -> int:
         reference = None if args.stain_reference.lower() == "auto" else args.stain_reference
         stain = fit_stain_reference(dataset, args.scale, reference)
     config = TwoStageConfig(
-        scheme=args.scheme, patch_size=args.patch_size, stride=args.stride, scale=args.scale,
+        **training_config(args), scheme=args.scheme, patch_size=args.patch_size, stride=args.stride,
         channels=args.channels, patch_width=args.width, image_width=args.image_width,
-        patch_head=args.head, epochs=args.epochs, image_epochs=args.image_epochs,
-        batch_size=args.batch_size, learning_rate=args.lr, lr_decay=args.lr_decay,
+        patch_head=args.head, image_epochs=args.image_epochs, lr_decay=args.lr_decay,
         lr_decay_every=args.lr_decay_every, patch_copies=args.patch_copies,
         image_copies=args.image_copies, color_jitter=args.color_jitter,
-        val_fraction=args.val_fraction, patience=args.patience, cache_mb=args.cache_mb,
-        stain=stain, seed=args.seed,
+        patience=args.patience, cache_mb=args.cache_mb, stain=stain,
     )
     log.info("training on %d images (%s) into %s", len(dataset), args.scheme, args.out)
     model = TwoStageModel(config)
-    try:
-        model.fit(dataset, checkpoint_dir=args.out / "checkpoints", progress=not args.quiet)
-    except KeyboardInterrupt:
-        print(f"interrupted; rerun the same command to resume from the last finished epoch "
-              f"(checkpoints in {args.out / 'checkpoints'})", file=sys.stderr)
-        return 130
+    model.fit(dataset, checkpoint_dir=args.out / "checkpoints", progress=not args.quiet)
     model.save(args.out)
     print(train_report(model, args.out))
     return 0
@@ -149,16 +138,18 @@ def predict(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from data.datasets import DatasetError
-    from data.io import ImageReadError
+    return run(build_parser(), command, argv, interrupted=_interrupted)
 
-    try:
-        return train(args) if args.command == "train" else predict(args)
-    except (DatasetError, ImageReadError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+
+def command(args) -> int:
+    return train(args) if args.command == "train" else predict(args)
+
+
+def _interrupted(args) -> str | None:
+    if args.command != "train":
+        return None
+    return (f"interrupted; rerun the same command to resume from the last finished epoch "
+            f"(checkpoints in {args.out / 'checkpoints'})")
 
 
 if __name__ == "__main__":
