@@ -100,8 +100,12 @@ def level_accuracy(predictions: pd.DataFrame, truth, levels, scheme=None) -> pd.
     rows = []
     pred = predictions["prediction"].astype(str).to_numpy()
     groups = predictions["group"].astype(str).to_numpy() if "group" in predictions else None
+    model_truth = truth_in(truth, levels[0].classes, scheme) if levels else None
     for level in levels:
-        level_truth = truth_in(truth, level.classes, scheme if level.name == getattr(scheme, "name", None) else None)
+        if model_truth is not None:  # labels of the model's classes: read them as its predictions
+            level_truth = np.array([level.from_model[t] for t in model_truth], dtype=str)
+        else:
+            level_truth = truth_in(truth, level.classes)
         if level_truth is None:
             continue
         level_pred = np.array([level.from_model[p] for p in pred], dtype=str)

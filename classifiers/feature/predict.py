@@ -385,3 +385,67 @@ def _stain_notes(images, metas, store_names) -> list:
         else:
             notes.append("; ".join(f"{n}: {note}" for n, note in found))
     return notes
+
+
+def add_levels(table: pd.DataFrame, model: TrainedModel, mapping=None) -> list:
+    """Add ``prediction_<level>`` columns to a predictions `table`: the model's groupings
+    (a bach4 model: bmc3, binary) and, when given, a mapping file read on top of the model's
+    classes or of one of its groupings (cross-data-set prediction).  Returns the levels
+    (:func:`classifiers.evaluation.levels.prediction_levels`), the model's own first."""
+    from classifiers.evaluation.levels import prediction_levels
+
+    scheme, groupings = model.scheme_objects()
+    levels = prediction_levels(scheme, groupings, mapping)
+    at = table.columns.get_loc("prediction_mean_proba") + 1 if "prediction_mean_proba" in table else len(table.columns)
+    for offset, level in enumerate(levels[1:]):
+        table.insert(at + offset, f"prediction_{level.name}", table["prediction"].map(level.from_model))
+    return levels
+
+
+def predict_dataset(model: TrainedModel, data: pd.DataFrame, *, mapping=None, **kwargs):
+    """Predict a labelled data set (:func:`data.datasets.load_dataset`) and measure accuracy.
+
+    Parameters
+    ----------
+    model : TrainedModel
+    data : pandas.DataFrame
+        ``image_id, path, label, group`` (and ``magnification``).
+    mapping : data.mapping.LabelScheme, optional
+        Reads the predictions in another data set's classes (see :func:`add_levels`).
+    **kwargs
+        As :func:`predict_images`.
+
+    Returns
+    -------
+    result : PredictionResult
+        Its table adds ``image_id``, ``truth``, ``group`` (and ``magnification``) and the
+        ``prediction_<level>`` columns.
+    accuracy : pandas.DataFrame
+        One row per level the labels can be read in: image-level and patient-level accuracy
+        (:func:`classifiers.evaluation.levels.level_accuracy`); per magnification too when the
+        images have one (column ``magnification``, ``all`` for the whole set).
+    """
+    from classifiers.evaluation.levels import level_accuracy
+
+    result = predict_images(model, data["path"].astype(str).tolist(), **kwargs)
+    table = result.table
+    info = data.assign(path=data["path"].astype(str)).set_index("path")
+    extra = [c for c in ("image_id", "label", "group", "magnification") if c in info.columns]
+    for k, column in enumerate(extra):
+        values = info.loc[table["image"], column].to_numpy() if len(table) else []
+        table.insert(1 + k, "truth" if column == "label" else column, values)
+    levels = add_levels(table, model, mapping)
+    scheme, _ = model.scheme_objects()
+    parts = []
+    mags = table["magnification"].astype(str) if "magnification" in table else pd.Series("", index=table.index)
+    for mag in ["all"] + sorted({m for m in mags if m}, key=lambda m: (len(m), m)):
+        part = table if mag == "all" else table[mags == mag]
+        found = level_accuracy(part, part["truth"].tolist(), levels, scheme)
+        if (mags != "").any():
+            found.insert(1, "magnification", mag)
+        parts.append(found)
+    accuracy = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    if accuracy.empty and len(table):
+        log.warning("the input's labels (%s) are not classes of any level of the model (%s); no accuracy",
+                    ", ".join(sorted(set(table["truth"]))), "; ".join(lv.name for lv in levels))
+    return result, accuracy
