@@ -51,6 +51,7 @@ __all__ = [
     "class_names",
     "class_order",
     "decode",
+    "display_name",
     "encode",
     "map_labels",
     "loose_key",
@@ -151,6 +152,15 @@ def scheme_mapping(scheme: str) -> dict[str, str]:
     """Every source label the built-in `scheme` maps, and the class it maps to."""
     _check_scheme(scheme)
     return dict(_MAPPING[scheme])
+
+
+#: How a reader writes a class name (titles, legends, Methods); files keep the scheme's names.
+DISPLAY_NAMES: dict[str, str] = {"insitu": "in situ"}
+
+
+def display_name(text: str) -> str:
+    """Class names in `text` as a reader writes them: ``"benign vs insitu"`` -> ``"benign vs in situ"``."""
+    return re.sub(r"[A-Za-z-]+", lambda m: DISPLAY_NAMES.get(m.group(0), m.group(0)), str(text))
 
 
 def canonical_label(raw: str) -> str:

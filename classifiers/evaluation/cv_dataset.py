@@ -15,8 +15,9 @@ import numpy as np
 import pandas as pd
 
 REQUIRED_META_COLUMNS = ("image_id", "label", "group", "aug")
-#: Per-image columns kept when a store has them (BreakHis magnification, content hash).
-OPTIONAL_META_COLUMNS = ("magnification", "source_sha256")
+#: Per-image columns kept when a store has them (BreakHis magnification, content hash; the path
+#: and why Macenko was not applied, for the report's gallery and Methods).
+OPTIONAL_META_COLUMNS = ("magnification", "source_sha256", "path", "stain_note")
 #: How many differing ids an error message lists before eliding the rest.
 _MAX_LISTED = 10
 
@@ -41,7 +42,8 @@ class CVDataset:
         Short unique name per store (backbone, de-duplicated).
     images : pandas.DataFrame
         One row per image (sorted by ``image_id``): ``image_id``, ``label``,
-        ``group``, ``n_aug``, and ``magnification`` when the store records one.
+        ``group``, ``n_aug``, and ``magnification`` when the store records one; ``path`` and
+        ``stain_note`` (why Macenko was not applied, else empty) when the first store records them.
     row_image : ndarray of int
         Index into ``images`` for every row of ``meta``.
     classes : tuple of str
@@ -309,6 +311,9 @@ def build_dataset(tables, scheme="auto", names=None, regroup=()) -> CVDataset:
     per_image = {"label": ("label", "first"), "group": ("group", "first"), "n_aug": ("aug", "size")}
     if "magnification" in meta.columns and (meta["magnification"].astype(str) != "").any():
         per_image["magnification"] = ("magnification", "first")
+    if "stain_note" in meta.columns:
+        meta["stain_note"] = meta["stain_note"].fillna("").astype(str)
+    per_image.update({c: (c, "first") for c in ("path", "stain_note") if c in meta.columns})
     images = meta.groupby("image_id", sort=True).agg(**per_image).reset_index()
     row_image = images.index.to_numpy()[
         pd.Index(images["image_id"]).get_indexer(meta["image_id"])

@@ -15,7 +15,14 @@ Conventions (also written into the report):
   class in bach4/bmc3 order); images predicted as a third class are left out
   and counted in ``n_excluded``;
 * ROC / AUC: one-vs-rest per class from the image-level mean probabilities,
-  macro = unweighted mean over classes;
+  macro = unweighted mean over classes; each grouping of the binary table has
+  its own ROC (the binary row: the summed probability of its
+  positive group's classes; "A vs B": images of truth A or B, score p_B / (p_A + p_B));
+* 95 % confidence intervals: percentile bootstrap over groups (patients, else
+  images), 1000 resamples from a fixed-seed ``numpy.random.Generator``;
+* calibration: top-label reliability of the mean probabilities (10 equal-width
+  bins of the highest mean probability against the accuracy of that class) and
+  the expected calibration error (ECE, bin-size weighted |accuracy - confidence|);
 * any scheme: the binary row is the first two-class grouping of the scheme
   (bach4/bmc3 -> carcinoma vs non-carcinoma, BreakHis subtypes -> malignant vs
   benign, a ``--regroup`` mapping file), its second class positive; every
@@ -59,6 +66,13 @@ METRIC_CONVENTIONS = {
     "recognition rate of Spanhol et al. 2016); image-level accuracy is over all images",
     "regrouped accuracy": "truth and prediction mapped into each coarser grouping of the scheme (bach4 -> bmc3, "
     "binary; BreakHis subtypes -> benign/malignant; --regroup mapping files)",
+    "grouping ROC": "carcinoma vs non-carcinoma scored by the summed mean probability of the carcinoma classes; "
+    "'A vs B' on the images whose truth is A or B, scored by p_B / (p_A + p_B)",
+    "95% CI": "percentile bootstrap (2.5th and 97.5th percentiles) over groups (patients, else images): "
+    "1000 resamples of the groups with replacement, numpy.random.default_rng(0); every image of a drawn "
+    "group counts once per draw",
+    "calibration": "top-label reliability: images binned by their highest mean probability (10 equal-width "
+    "bins), accuracy of mean-probability voting per bin; ECE = bin-size weighted mean |accuracy - confidence|",
     "undefined ratios": "0/0 is reported as n/a (null in JSON)",
 }
 
@@ -237,7 +251,9 @@ def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: f
         Keys ``majority`` and ``mean_proba`` (one per voting rule: accuracy,
         balanced accuracy, per-fold accuracy, mean and sd, confusion, per
         class table, binary table), ``roc_auc`` (per class and macro, from
-        mean probabilities), ``n_images``, ``row_accuracy``.
+        mean probabilities; ``groupings``: AUC of each grouping of the binary table),
+        ``ci95`` (:func:`bootstrap_ci`), ``calibration`` (:func:`reliability`), ``n_images``,
+        ``row_accuracy``.
     """
     from classifiers.evaluation.patients import magnification_table, patient_accuracy
 
@@ -270,5 +286,200 @@ def run_metrics(predictions: pd.DataFrame, classes, scheme: str, row_accuracy: f
         if len(mags):
             out[key]["magnification"] = mags.to_dict(orient="records")
     roc = roc_per_class(truth, predictions[[f"proba_{c}" for c in classes]].to_numpy(), classes)
-    out["roc_auc"] = {"per_class": roc["auc"], "macro": roc["macro_auc"]}
+    out["roc_auc"] = {"per_class": roc["auc"], "macro": roc["macro_auc"],
+                      "groupings": grouping_roc(predictions, classes, to_binary)["auc"]}
+    out["ci95"] = bootstrap_ci(predictions, classes, to_binary)
+    out["calibration"] = reliability(predictions, classes)
+    return _clean(out)
+
+
+def grouping_scores(predictions: pd.DataFrame, classes, to_binary=None) -> dict:
+    """Truth and score of every grouping of the binary table, for its ROC.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        Per-image table with ``truth`` and ``proba_<class>``.
+    classes : sequence of str
+    to_binary : callable, optional
+        As for :func:`binary_table` (default: BACH's carcinoma vs non-carcinoma).
+
+    Returns
+    -------
+    dict
+        ``{name: (rows, y_true, score)}`` with ``rows`` the boolean mask of the images used:
+        the binary row (e.g. ``"carcinoma vs non-carcinoma"``, scored by the summed mean
+        probability of the positive group's classes; absent when the classes are already
+        that grouping's or do not map into it) on all images, and, with more than two
+        classes, ``"A vs B"`` for each pair on the images whose truth is A or B, B positive,
+        scored by ``p_B / (p_A + p_B)``.
+    """
+    classes = list(classes)
+    truth = predictions["truth"].to_numpy(dtype=str)
+    proba = predictions[[f"proba_{c}" for c in classes]].to_numpy(dtype=float)
+    out = {}
+    try:
+        mapped, (negative, positive) = (to_binary or _binary_mapping)(np.asarray(classes, dtype=str))
+    except ValueError:
+        mapped = None
+    if mapped is not None and set(mapped) == {negative, positive} and len(classes) > 2:
+        cols = [j for j, m in enumerate(mapped) if m == positive]
+        positives = [classes[j] for j in cols]
+        out[f"{positive} vs {negative}"] = (np.ones(len(truth), bool), np.isin(truth, positives),
+                                            proba[:, cols].sum(axis=1))
+    if len(classes) > 2:
+        for i, a in enumerate(classes):
+            for j in range(i + 1, len(classes)):
+                b = classes[j]
+                keep = np.isin(truth, [a, b])
+                pa, pb = proba[keep, i], proba[keep, j]
+                total = pa + pb
+                score = np.divide(pb, total, out=np.full_like(pb, 0.5), where=total > 0)
+                out[f"{a} vs {b}"] = (keep, truth[keep] == b, score)
+    return out
+
+
+def grouping_roc(predictions: pd.DataFrame, classes, to_binary=None) -> dict:
+    """ROC curve and AUC of every grouping of :func:`grouping_scores`.
+
+    Returns
+    -------
+    dict
+        ``{"curves": {name: (fpr, tpr)}, "auc": {name: auc}}``; a grouping with one class only
+        has no curve and AUC NaN.
+    """
+    curves, auc = {}, {}
+    for name, (_, y, score) in grouping_scores(predictions, classes, to_binary).items():
+        if y.all() or not y.any():
+            auc[name] = float("nan")
+            continue
+        fpr, tpr, _ = roc_curve(y, score)
+        curves[name] = (fpr, tpr)
+        auc[name] = float(roc_auc_score(y, score))
+    return {"curves": curves, "auc": auc}
+
+
+def reliability(predictions: pd.DataFrame, classes, n_bins: int = 10) -> dict:
+    """Top-label reliability of the mean probabilities (see the module docstring).
+
+    Returns
+    -------
+    dict
+        ``bins``: per non-empty bin ``lower``, ``upper``, ``n``, ``confidence`` (mean highest
+        probability) and ``accuracy``; ``ece``.
+    """
+    proba = predictions[[f"proba_{c}" for c in classes]].to_numpy(dtype=float)
+    confidence = proba.max(axis=1)
+    correct = np.asarray(classes)[proba.argmax(axis=1)] == predictions["truth"].to_numpy(dtype=str)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    index = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, n_bins - 1)
+    bins, ece = [], 0.0
+    for k in range(n_bins):
+        inside = index == k
+        if not inside.any():
+            continue
+        conf, acc = float(confidence[inside].mean()), float(correct[inside].mean())
+        bins.append({"lower": float(edges[k]), "upper": float(edges[k + 1]), "n": int(inside.sum()),
+                     "confidence": conf, "accuracy": acc})
+        ece += inside.mean() * abs(acc - conf)
+    return {"bins": bins, "ece": float(ece)}
+
+
+#: Resamples and seed of the bootstrap confidence intervals (stated in the report).
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
+
+def weighted_auc(y, score, weights) -> np.ndarray:
+    """ROC AUC of ``score`` for the boolean ``y`` under each row of ``weights``.
+
+    Equals ``roc_auc_score(y, score, sample_weight=w)`` for every row ``w``; written with one
+    sort for all rows because scikit-learn's validation costs about a millisecond per call,
+    times thousands of bootstrap resamples per run.
+
+    Parameters
+    ----------
+    y : ndarray of bool, shape (n,)
+    score : ndarray, shape (n,)
+    weights : ndarray, shape (n_resamples, n)
+
+    Returns
+    -------
+    ndarray, shape (n_resamples,)
+        NaN where a resample has no positive or no negative weight.
+    """
+    y = np.asarray(y, dtype=bool)
+    order = np.argsort(score, kind="mergesort")
+    sorted_score = np.asarray(score, dtype=float)[order]
+    w, y = np.asarray(weights, dtype=float)[:, order], y[order]
+    starts = np.flatnonzero(np.r_[True, sorted_score[1:] != sorted_score[:-1]])  # tied scores
+    pos = np.add.reduceat(w * y, starts, axis=1)
+    neg = np.add.reduceat(w * ~y, starts, axis=1)
+    below = np.cumsum(neg, axis=1) - neg
+    numerator = (pos * (below + 0.5 * neg)).sum(axis=1)
+    denominator = pos.sum(axis=1) * neg.sum(axis=1)
+    return np.where(denominator > 0, numerator / np.where(denominator > 0, denominator, 1.0), np.nan)
+
+
+def bootstrap_ci(predictions: pd.DataFrame, classes, to_binary=None, *, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = BOOTSTRAP_SEED, level: float = 0.95) -> dict:
+    """Percentile-bootstrap confidence intervals of accuracy and AUC.
+
+    Groups (patients; each image is its own group without them) are drawn with replacement, so
+    images of one patient stay together as in the folds.  A draw is expressed as integer
+    weights on the images (how often their group was drawn), which scikit-learn's AUC takes
+    as ``sample_weight``.
+
+    Parameters
+    ----------
+    predictions : pandas.DataFrame
+        Per-image table (``truth``, ``prediction``, ``prediction_mean_proba``, ``proba_<class>``,
+        and ``group``; without it every image is its own group).
+    classes : sequence of str
+    to_binary : callable, optional
+        The binary row's mapping, as for :func:`grouping_scores`.
+    n_resamples : int, default=1000
+    seed : int, default=0
+        Seeds ``numpy.random.default_rng``: the same predictions give the same intervals.
+    level : float, default=0.95
+
+    Returns
+    -------
+    dict
+        ``{metric: [low, high]}`` for ``accuracy_majority``, ``accuracy_mean_proba``,
+        ``macro_auc``, ``auc <class>`` and ``auc <grouping>``; NaN where undefined in over half
+        of the resamples.
+    """
+    classes = list(classes)
+    rng = np.random.default_rng(seed)
+    groups = predictions["group"] if "group" in predictions else pd.Series(np.arange(len(predictions)))
+    _, group_index = np.unique(groups.astype(str).to_numpy(), return_inverse=True)
+    n_groups = int(group_index.max()) + 1
+    # (n_resamples, n_groups) draw counts -> per-image weights.
+    counts = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_resamples)
+    weights = counts[:, group_index].astype(float)
+    truth = predictions["truth"].to_numpy(dtype=str)
+    proba = predictions[[f"proba_{c}" for c in classes]].to_numpy(dtype=float)
+    samples = {}
+    for key, column in (("accuracy_majority", "prediction"), ("accuracy_mean_proba", "prediction_mean_proba")):
+        correct = (predictions[column].to_numpy(dtype=str) == truth).astype(float)
+        samples[key] = weights @ correct / weights.sum(axis=1)
+    per_class = np.stack([weighted_auc(truth == c, proba[:, j], weights) for j, c in enumerate(classes)], axis=1)
+    with np.errstate(all="ignore"):
+        defined = ~np.isnan(per_class)
+        samples["macro_auc"] = np.where(defined.any(axis=1),
+                                        np.nansum(per_class, axis=1) / np.maximum(defined.sum(axis=1), 1), np.nan)
+    for j, c in enumerate(classes):
+        samples[f"auc {c}"] = per_class[:, j]
+    for name, (rows, y, score) in grouping_scores(predictions, classes, to_binary).items():
+        samples[f"auc {name}"] = weighted_auc(y, score, weights[:, rows])
+    alpha = (1.0 - level) / 2
+    out = {}
+    for key, values in samples.items():
+        values = np.asarray(values, dtype=float)
+        finite = values[~np.isnan(values)]
+        if len(finite) * 2 < len(values):
+            out[key] = [float("nan"), float("nan")]
+        else:
+            out[key] = [float(np.quantile(finite, alpha)), float(np.quantile(finite, 1 - alpha))]
     return _clean(out)

@@ -21,7 +21,7 @@ import logging
 import numbers
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -52,11 +52,14 @@ class DeviceChoice:
     device : str
         ``"cuda"`` or ``"cpu"``.
     reason : str
-        Human-readable explanation, written to the log and the report.
+        Plain explanation, written to the log and the report.
+    detail : str
+        The library's own words (e.g. XGBoost's warning), logged at DEBUG level only.
     """
 
     device: str
     reason: str
+    detail: str = field(default="", compare=False)
 
 
 def booster_device(booster) -> str:
@@ -101,7 +104,7 @@ def probe_xgboost_gpu() -> DeviceChoice:
     # "[21:34:56] WARNING: /src/context.cc:53: No visible GPU ..." -> "No visible GPU ..."
     messages = [re.sub(r"^\[[\d:]+\]\s*WARNING:\s*\S+:\d+:\s*", "", str(w.message).strip()) for w in caught]
     detail = messages[0] if messages else "no detail"
-    return DeviceChoice("cpu", f"xgboost has CUDA support but no visible GPU ({detail})")
+    return DeviceChoice("cpu", "no GPU visible to XGBoost", detail=f"XGBoost with CUDA support: {detail}")
 
 
 def resolve_xgboost_device(requested: str = "auto") -> DeviceChoice:
@@ -136,7 +139,9 @@ def resolve_xgboost_device(requested: str = "auto") -> DeviceChoice:
                 "Use device='auto' or 'cpu' on this machine."
             )
         choice = probe
-    logger.info("XGBoost device: %s (%s)", choice.device, choice.reason)
+    logger.info("XGBoost runs on the %s: %s", "GPU" if choice.device == "cuda" else "CPU", choice.reason)
+    if choice.detail:
+        logger.debug("XGBoost device probe: %s", choice.detail)
     return choice
 
 

@@ -258,15 +258,17 @@ def report(tmp_path_factory):
 
 def test_report_files_exist(report):
     out, result, written = report
-    expected = ["metrics.json", "predictions.csv", "folds.csv", "fold_accuracy.csv", "summary.csv", "report.html"]
+    expected = ["metrics.json", "predictions.csv", "folds.csv", "fold_accuracy.csv", "summary.csv", "methods.txt",
+                "report.html"]
     for name in expected:
         assert (out / name).is_file(), name
     for run in ("xgboost", "logreg"):
         for name in ("confusion.csv", "confusion_mean_proba.csv", "confusion.png", "per_class.csv",
-                     "binary_table.csv", "roc.png", "levels.csv"):
+                     "binary_table.csv", "roc.png", "levels.csv", "roc_groupings.png", "calibration.png",
+                     "errors.csv"):
             assert (out / run / name).stat().st_size > 0, (run, name)
     assert (out / "xgboost" / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert len(written["files"]) == 6 + 2 * 7
+    assert len(written["files"]) == 7 + 2 * 10
     # bmc3 is also read as carcinoma vs non-carcinoma: the accuracy of the mapped predictions.
     levels = pd.read_csv(out / "xgboost" / "levels.csv")
     predictions = result.runs[0].predictions
@@ -329,7 +331,7 @@ def test_report_html_is_self_contained(report):
     out, _, _ = report
     page = (out / "report.html").read_text()
     metrics = json.loads((out / "metrics.json").read_text())
-    assert page.count("data:image/png;base64,") == 4  # confusion + ROC per run
+    assert page.count("data:image/png;base64,") == 8  # confusion, ROC, grouping ROC, calibration per run
     assert "http://" not in page and "https://" not in page
     assert "<table" in page and "carcinoma vs non-carcinoma" in page
     assert f"{metrics['runs']['xgboost']['majority']['accuracy']:.3f}" in page

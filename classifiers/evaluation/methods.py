@@ -1,0 +1,216 @@
+"""The Methods of a cross-validated report: what was done, in numbers and in words.
+
+:func:`describe_methods` collects, from the result and the stores' own configs, everything a
+paper's Methods section needs (data, extraction, classifier, cross-validation, versions, the
+command line); :func:`methods_paragraph` turns it into a paragraph ready to paste.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+
+from classifiers.feature.estimators import make_classifier
+from classifiers.feature.tuning import PARAM_GRIDS, public_params
+from data.files import software_versions
+from data.labels import display_name
+
+#: Hyper-parameters of each classifier stated in the Methods (the others are library defaults).
+_STATED_PARAMS = {
+    "xgboost": ("n_estimators", "max_depth", "learning_rate", "subsample", "colsample_bytree",
+                "min_child_weight", "reg_lambda"),
+    "logreg": ("C", "max_iter", "tol"),
+}
+_CLASSIFIER_WORDS = {
+    "xgboost": "gradient-boosted trees (XGBoost, tree method hist)",
+    "logreg": "L2-regularised multinomial logistic regression on standardised features (scikit-learn)",
+}
+_BACKBONE_WORDS = {
+    "efficientnet_lite0": "EfficientNet-Lite0",
+    "efficientnet_lite0_multilevel": "EfficientNet-Lite0 (multi-level features)",
+    "resnet50": "ResNet50",
+    "xception": "Xception",
+}
+_VOTING = ("each image's augmentations are classified separately and the image takes the majority "
+           "vote (ties: highest mean probability); mean-probability voting, the class with the "
+           "highest probability averaged over the augmentations, is reported alongside")
+_VERSION_NAMES = ("breast-histology-pipeline", "tensorflow", "keras", "xgboost", "scikit-learn", "numpy",
+                  "opencv", "staintools")
+
+
+def invocation() -> str | None:
+    """The command line of this process when it runs a ``python -m`` module, else ``None``."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is None or not spec.name:
+        return None
+    return shlex.join(["python", "-m", spec.name, *sys.argv[1:]])
+
+
+def _classifier_params(name: str) -> dict:
+    params = public_params(make_classifier(name).get_params())
+    return {k: params[k] for k in _STATED_PARAMS.get(name, ()) if k in params}
+
+
+def _chosen_summary(chosen: list) -> dict:
+    """``{param: {value: folds}}`` over the inner-CV choices of a run."""
+    out: dict = {}
+    for row in chosen:
+        for key, value in row.items():
+            if key in ("fold", "store"):
+                continue
+            counts = out.setdefault(key, {})
+            counts[str(value)] = counts.get(str(value), 0) + 1
+    return out
+
+
+def _store_methods(name: str, config: dict, unnormalised: list) -> dict:
+    stain = config.get("stain") or None
+    return {
+        "name": name,
+        "backbone": config.get("backbone"),
+        "weights": config.get("weights"),
+        "weights_sha256": config.get("weights_sha256"),
+        "stain": None if stain is None else {
+            "method": stain.get("method", "macenko"),
+            "reference": stain.get("reference"),
+            "reference_sha256": stain.get("reference_sha256"),
+        },
+        "unnormalised": unnormalised,
+        **{key: config.get(key) for key in ("augmentations", "color_gain", "color_shift", "crops", "crop_size",
+                                             "scale", "mode", "pooling", "precision", "seed", "batch_size")},
+        "config_hash": config.get("config_hash"),
+        "versions": config.get("versions") or {},
+    }
+
+
+def describe_methods(result, command: str | None = None) -> dict:
+    """Everything the Methods section states, JSON-ready.
+
+    Parameters
+    ----------
+    result : CVResult
+    command : str, optional
+        The command line that produced the report; by default that of this process when it
+        runs a ``python -m`` module (:func:`invocation`).
+
+    Returns
+    -------
+    dict
+        ``data``, ``extraction`` (one entry per store), ``classifiers``, ``cross_validation``,
+        ``versions``, ``command``.
+    """
+    dataset, config = result.dataset, result.config
+    images = dataset.images
+    notes = images["stain_note"] if "stain_note" in images else None
+    unnormalised = ([] if notes is None else
+                    [{"image_id": i, "reason": r} for i, r in zip(images["image_id"], notes) if r])
+    classifiers = []
+    for clf in config.classifiers:
+        chosen = [p for run in result.runs if run.spec.classifier == clf for p in getattr(run, "chosen_params", [])]
+        classifiers.append({
+            "name": clf,
+            "words": _CLASSIFIER_WORDS.get(clf, clf),
+            "params": _classifier_params(clf),
+            "tuned": bool(config.tune),
+            "grid": {k.rsplit("__", 1)[-1]: v for k, v in PARAM_GRIDS.get(clf, {}).items()} if config.tune else {},
+            "chosen": _chosen_summary(chosen),
+        })
+    groups_per_class = images.groupby("label")["group"].nunique()
+    n_groups = int(images["group"].nunique())
+    device = result.device
+    return {
+        "data": {
+            "scheme": dataset.scheme,
+            "classes": list(dataset.classes),
+            "n_images": int(len(images)),
+            "n_groups": n_groups,
+            "groups_are_patients": n_groups < len(images),
+            "images_per_class": {c: int((images["label"] == c).sum()) for c in dataset.classes},
+            "groups_per_class": {c: int(groups_per_class.get(c, 0)) for c in dataset.classes},
+            "augmented_rows": int(len(dataset.meta)),
+        },
+        "extraction": [_store_methods(name, cfg, unnormalised if i == 0 else [])
+                       for i, (name, cfg) in enumerate(zip(dataset.store_names, dataset.store_configs))],
+        "classifiers": classifiers,
+        "fusion": list(config.fusion) if len(dataset.store_names) > 1 else [],
+        "cross_validation": {
+            "n_folds": config.n_folds,
+            "splitter": "scikit-learn StratifiedGroupKFold (shuffled)",
+            "fold_seed": config.seed,
+            "classifier_seed": config.seed,
+            "voting": _VOTING,
+            "xgboost_device": None if device is None else device.device,
+        },
+        "versions": software_versions(),
+        "command": command if command is not None else invocation(),
+    }
+
+
+def _words(name: str) -> str:
+    return _BACKBONE_WORDS.get(str(name), str(name))
+
+
+def _sampling(store: dict) -> str:
+    scale = store.get("scale")
+    if store.get("mode") == "whole":
+        return f"the whole augmented image, resized by {scale}, was passed through the network"
+    shared = (" (the network ran once per augmented image and each crop's window of its feature map "
+              "was average-pooled)" if store.get("mode") == "shared" else "")
+    return (f"{store.get('crops')} random square crops of {store.get('crop_size')} px (or the shorter image "
+            f"side when smaller) were taken from each augmented image after resizing by {scale}{shared}, "
+            f"and their features were {store.get('pooling')}-pooled into one vector per augmented image")
+
+
+def _stain_sentence(store: dict) -> str:
+    stain = store.get("stain")
+    if not stain:
+        return "Images were not stain-normalised."
+    text = (f"Images were stain-normalised with the Macenko method to the reference image "
+            f"{stain.get('reference')} (sha256 {str(stain.get('reference_sha256'))[:12]}…)")
+    left = store.get("unnormalised") or []
+    if left:
+        reasons = sorted({r["reason"] for r in left})
+        text += (f"; {len(left)} image(s) were left unnormalised, because Macenko has no stain to estimate "
+                 f"on them (staintools fails or returns noise there) ({'; '.join(reasons[:3])})")
+    return text + "."
+
+
+def methods_paragraph(methods: dict) -> str:
+    """A Methods paragraph in plain English from :func:`describe_methods`, ready to paste."""
+    data, cv, versions = methods["data"], methods["cross_validation"], methods["versions"]
+    per_class = ", ".join(f"{n} {display_name(c)}" for c, n in data["images_per_class"].items())
+    groups = (f" from {data['n_groups']} patients" if data["groups_are_patients"] else "")
+    sentences = [f"We classified {data['n_images']} H&E images{groups} ({per_class}) into "
+                 f"{len(data['classes'])} classes ({data['scheme']} scheme)."]
+    for store in methods["extraction"]:
+        sha = store.get("weights_sha256")
+        weights = (f"ImageNet weights (sha256 {sha[:12]}…)" if store.get("weights") == "imagenet" and sha
+                   else f"weights {store.get('weights')}" + (f" (sha256 {sha[:12]}…)" if sha else ""))
+        sentences.append(
+            f"{_stain_sentence(store)} Each image gave {store.get('augmentations')} colour augmentations "
+            f"(the first the identity; the others an affine transform of each RGB channel's intensities, "
+            f"contrast gain drawn from 1 ± {store.get('color_gain')} around mid-grey and shift from "
+            f"± {store.get('color_shift')} levels, seeded from the image and augmentation index with root "
+            f"seed {store.get('seed')}); {_sampling(store)}. Features came from {_words(store.get('backbone'))} "
+            f"with {weights}, computed in {store.get('precision')}.")
+    if methods.get("fusion"):
+        sentences.append(f"The stores' features were combined by {' and by '.join(methods['fusion'])} fusion.")
+    for clf in methods["classifiers"]:
+        params = ", ".join(f"{k} = {v}" for k, v in clf["params"].items())
+        text = f"The classifier was {clf['words']}, with {params}"
+        if clf["tuned"]:
+            grid = "; ".join(f"{k} in {v}" for k, v in clf["grid"].items())
+            chosen = "; ".join(f"{k}: " + ", ".join(f"{v} in {n} fold(s)" for v, n in counts.items())
+                               for k, counts in clf["chosen"].items())
+            text += (f"; {grid} chosen inside each training fold by a grouped 3-fold inner "
+                     f"cross-validation" + (f" (chosen {chosen})" if chosen else ""))
+        sentences.append(text + ".")
+    sentences.append(
+        f"Performance was estimated by {cv['n_folds']}-fold stratified cross-validation grouped by "
+        f"{'patient' if data['groups_are_patients'] else 'image'} (all augmentations of an image"
+        f"{' and all images of a patient' if data['groups_are_patients'] else ''} in one fold; fold seed "
+        f"{cv['fold_seed']}); {cv['voting']}. 95% confidence intervals are percentile bootstrap intervals "
+        f"over {'patients' if data['groups_are_patients'] else 'images'} (1000 resamples).")
+    stated = ", ".join(f"{n} {versions[n]}" for n in _VERSION_NAMES if versions.get(n))
+    sentences.append(f"Software: Python {versions.get('python')}, {stated}.")
+    return " ".join(sentences)
