@@ -24,6 +24,8 @@ _STATED_PARAMS = {
 _CLASSIFIER_WORDS = {
     "xgboost": "gradient-boosted trees (XGBoost, tree method hist)",
     "logreg": "L2-regularised multinomial logistic regression on standardised features (scikit-learn)",
+    "two_stage": "the two-stage CNN of Nazeri et al. (2018), trained inside each training fold (its "
+                 "configuration is in the report's two-stage section)",
 }
 _BACKBONE_WORDS = {
     "efficientnet_lite0": "EfficientNet-Lite0",
@@ -47,6 +49,8 @@ def invocation() -> str | None:
 
 
 def _classifier_params(name: str) -> dict:
+    if name not in _STATED_PARAMS:  # the two-stage CNN: its config is in its own report section
+        return {}
     params = public_params(make_classifier(name).get_params())
     return {k: params[k] for k in _STATED_PARAMS.get(name, ()) if k in params}
 
@@ -197,7 +201,7 @@ def methods_paragraph(methods: dict) -> str:
         sentences.append(f"The stores' features were combined by {' and by '.join(methods['fusion'])} fusion.")
     for clf in methods["classifiers"]:
         params = ", ".join(f"{k} = {v}" for k, v in clf["params"].items())
-        text = f"The classifier was {clf['words']}, with {params}"
+        text = f"The classifier was {clf['words']}" + (f", with {params}" if params else "")
         if clf["tuned"]:
             grid = "; ".join(f"{k} in {v}" for k, v in clf["grid"].items())
             chosen = "; ".join(f"{k}: " + ", ".join(f"{v} in {n} fold(s)" for v, n in counts.items())
