@@ -15,7 +15,7 @@ import queue
 import random
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,14 +23,13 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from data.io import ImageReadError, read_image
-from features.augment import ColorAugmentation, augmented_crops, draw_augmentation, effective_crop_size
+from data.io import read_image  # noqa: F401  (tests reach it as features.extract.read_image)
 from data.files import file_sha256
 from features.backbones import get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.pooling import pool_features
-from features.stain import MacenkoNormalizer, fit_stain_reference
-from features.transforms import scale_image
+from features.image_side import Preprocessing, image_items, iter_host_items, prepare_image
+from features.stain import fit_stain_reference
 from features.store import META_COLUMNS, FeatureStore, FeatureTable, make_record
 
 log = logging.getLogger(__name__)
@@ -399,68 +398,6 @@ class ExtractionSummary:
 _END = object()
 
 
-@dataclass(frozen=True)
-class Preprocessing:
-    """Per-run state of the image side: the fitted Macenko normaliser (or None) and the
-    colour augmentation, both rebuilt from the config alone."""
-
-    normalizer: MacenkoNormalizer | None
-    color: ColorAugmentation
-    min_input: int = 1  # the backbone's smallest input side
-
-    @classmethod
-    def from_config(cls, config: ExtractionConfig) -> "Preprocessing":
-        normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
-        return cls(normalizer, ColorAugmentation(config.color_gain, config.color_shift),
-                   get_backbone(config.backbone).min_input)
-
-
-def _too_small(image: np.ndarray, config: ExtractionConfig, min_input: int) -> str | None:
-    """Why the backbone cannot take this (scaled) image, else None: skipped like an unreadable one."""
-    h, w = image.shape[:2]
-    side = min(h, w) if config.mode == "whole" else effective_crop_size(h, w, config.crop_size)
-    if side >= min_input:
-        return None
-    return (f"too small: {w}x{h} pixels at scale {config.scale} give a side of {side}, below "
-            f"{config.backbone}'s minimum input {min_input}")
-
-
-def _image_items(row, config: ExtractionConfig, prep: Preprocessing):
-    """One image's prepared work: ``('aug', i, payload)`` items then ``('end', note)``, or a
-    single ``('error', reason)`` when the file cannot be read or is too small for the backbone.
-    In exact mode the payloads are an augmentation's crops in arrays of ``batch_size`` at most,
-    so memory does not grow with the number of crops."""
-    try:
-        image = scale_image(read_image(row.path), config.scale)
-    except ImageReadError as exc:
-        yield ("error", exc.reason)
-        return
-    if (reason := _too_small(image, config, prep.min_input)) is not None:
-        yield ("error", reason)
-        return
-    note = None
-    if prep.normalizer is not None:
-        image, note = prep.normalizer.transform_or_keep(image)
-    color = prep.color
-    for aug in range(config.augmentations):
-        if config.mode in ("shared", "whole"):
-            # Same colour draws in every mode; "whole" draws no crop windows.
-            draw = draw_augmentation(
-                seed=config.seed, image_id=row.image_id, aug_index=aug, height=image.shape[0],
-                width=image.shape[1], n_crops=config.crops if config.mode == "shared" else 0,
-                crop_size=config.crop_size, color=color,
-            )
-            windows = draw.windows if config.mode == "shared" else None
-            yield ("aug", aug, (color.apply(image, draw.gain, draw.shift), windows))
-            continue
-        for start in range(0, config.crops, config.batch_size):
-            yield ("aug", aug, augmented_crops(
-                image, seed=config.seed, image_id=row.image_id, aug_index=aug, n_crops=config.crops,
-                crop_size=config.crop_size, color=color, start=start, stop=start + config.batch_size,
-            ))
-    yield ("end", note)
-
-
 class _PooledImage:
     """Consumer side of one image: batches its crops through the backbone, then pools them
     into one vector per augmentation."""
@@ -488,14 +425,10 @@ class _PooledImage:
         return np.stack([pool_features(f, self.config.pooling) for f in crop_features])
 
 
-def _producer(rows, config, out: queue.Queue, stop: threading.Event):
-    prep = Preprocessing.from_config(config)
+def _producer(rows, config, out: queue.Queue, stop: threading.Event, workers: int):
     try:
-        for row in rows:
-            if stop.is_set():
-                break
-            out.put(("start", row))
-            for item in _image_items(row, config, prep):
+        with closing(iter_host_items(rows, config, workers=workers)) as items:
+            for item in items:
                 if stop.is_set():
                     break
                 out.put(item)
@@ -506,14 +439,17 @@ def _producer(rows, config, out: queue.Queue, stop: threading.Event):
 
 
 def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtractor,
-                        summary: ExtractionSummary, prefetch: int = 4):
+                        summary: ExtractionSummary, prefetch: int = 4, workers: int = 1):
     """Yield ``(row, features (n_aug, dim), stain_note)`` per readable image, in order.
 
-    Unreadable images are appended to ``summary.skipped`` and not yielded.
+    Unreadable images are appended to ``summary.skipped`` and not yielded.  ``workers``
+    processes decode and normalise the next images (:mod:`features.image_side`; 1: this
+    function's producer thread does it); the features do not depend on it.
     """
     items: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
-    thread = threading.Thread(target=_producer, args=(rows, config, items, stop), daemon=True)
+    thread = threading.Thread(target=_producer, args=(rows, config, items, stop, workers),
+                              daemon=True)
     thread.start()
     row, pooled = None, None
     try:
@@ -572,7 +508,7 @@ def extract_one_image(row, config: ExtractionConfig, extractor: FeatureExtractor
     """
     prep = prep or Preprocessing.from_config(config)
     pooled, crops = _PooledImage(config, extractor), 0
-    for item in _image_items(row, config, prep):
+    for item in image_items(row, prepare_image(row.path, config, prep), config, prep):
         if item[0] == "error":
             return ImageFeatures(None, skip_reason=item[1])
         if item[0] == "aug":
@@ -628,13 +564,19 @@ def extract_to_store(
     *,
     batch_size: int | None = None,
     progress: bool = True,
+    workers: int = 1,
 ) -> ExtractionSummary:
     """Extract every image of ``dataset`` not yet in the store; resumable and atomic per image.
 
     ``dataset`` has columns ``image_id, path, label, group`` and optionally ``magnification``
     (``data.datasets.load_dataset``); labels are any class names.
     ``batch_size`` is ``config.batch_size`` (part of the store key); another value is an error.
+    ``workers`` processes decode and stain-normalise the next images while the backbone runs
+    (:func:`features.image_side.default_workers` is a good value); the store does not depend
+    on it.
     """
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1, got {workers}")
     check_batch_size(config, batch_size)
     with FeatureStore(store_root, config).open() as store:
         summary = ExtractionSummary(store_path=store.path)
@@ -645,7 +587,9 @@ def extract_to_store(
             summary.device = extractor.device
             start = time.perf_counter()
             bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=config.backbone)
-            for row, feats, note in iter_image_features(todo, config, extractor, summary):
+            log.info("image side: %s", "1 thread" if workers == 1 else f"{workers} worker processes")
+            for row, feats, note in iter_image_features(todo, config, extractor, summary,
+                                                        workers=workers):
                 write_image_record(store, row, hashes[row.image_id], feats, note)
                 summary.done.append(row.image_id)
                 if note:

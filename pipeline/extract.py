@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run one task per image on a dask.distributed cluster (tcp://HOST:PORT), "
                    "or 'local:N' to start N worker processes on this machine; the store and "
                    "the images must be on a filesystem every worker sees under the same paths")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes that decode and stain-normalise the next images while the backbone "
+                   "runs (bounded look-ahead); 1 does it in a thread; the store does not depend on it "
+                   "(default: cores - 1, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -105,6 +109,7 @@ def extract(args) -> int:
     from data.datasets import load_dataset
     from data.synthetic import write_dataset
     from features.extract import extract_to_store, resolve_config
+    from features.image_side import default_workers
 
     if args.out.exists() and not args.out.is_dir():
         raise ValueError(f"--out {args.out} is a file; the store root must be a directory")
@@ -119,7 +124,8 @@ def extract(args) -> int:
         if args.dask:
             summary = _extract_on_dask(args, dataset, config)
         else:
-            summary = extract_to_store(dataset, config, args.out, progress=not args.quiet)
+            summary = extract_to_store(dataset, config, args.out, progress=not args.quiet,
+                                       workers=default_workers() if args.workers is None else args.workers)
         print(report(summary, config), flush=True)
     return 0
 

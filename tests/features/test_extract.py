@@ -107,11 +107,31 @@ def test_interrupted_run_resumes_to_the_clean_result(clean_store, dataset, confi
     pd.testing.assert_frame_equal(load_store(tmp_path).meta, clean.meta)
 
 
-def test_kill_9_mid_run_loses_no_finished_image(dataset_dir, clean_store, tmp_path):
+def test_workers_give_the_store_of_one_thread(clean_store, dataset, config, tmp_path):
+    # Two processes decode and normalise ahead of the backbone; the store is the same bytes.
+    summary = extract_to_store(dataset, config, tmp_path, batch_size=3, progress=False, workers=2)
+    assert summary.done == list(dataset.image_id)  # in input order
+    clean = load_store(clean_store[0])
+    np.testing.assert_array_equal(load_store(tmp_path).X, clean.X)
+    pd.testing.assert_frame_equal(load_store(tmp_path).meta, clean.meta)
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        extract_to_store(dataset, config, tmp_path, workers=0)
+
+
+def test_default_workers_leave_a_core_to_the_backbone(monkeypatch):
+    from features.image_side import default_workers
+
+    for cores, expected in ((1, 1), (2, 1), (4, 3), (64, 8)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
+        assert default_workers() == expected
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_mid_run_loses_no_finished_image(dataset_dir, clean_store, tmp_path, workers):
     out = tmp_path / "store"
     cmd = [sys.executable, "-m", "pipeline.extract", "--data", str(dataset_dir), "--out", str(out),
            "--weights", "none", "--augmentations", "2", "--crops", "2", "--crop-size", "48",
-           "--scale", "1", "--batch-size", "3", "--quiet"]
+           "--scale", "1", "--batch-size", "3", "--quiet", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:

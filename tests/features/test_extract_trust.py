@@ -104,8 +104,9 @@ def test_late_errors_leave_no_store_directory(tiny_dir, tmp_path, capsys, extra,
 def test_crops_stream_in_batches(tiny_dataset):
     config = ExtractionConfig(weights="none", stain=None, augmentations=2, crops=7, crop_size=32, scale=1.0,
                               batch_size=3)
-    items = list(extract_mod._image_items(tiny_dataset.iloc[0], config,
-                                          extract_mod.Preprocessing.from_config(config)))
+    from features.image_side import iter_host_items
+
+    items = list(iter_host_items([tiny_dataset.iloc[0]], config))
     sizes = [len(payload) for kind, _, payload in (i for i in items if i[0] == "aug")]
     assert sizes == [3, 3, 1, 3, 3, 1]
     from features.augment import ColorAugmentation, augmented_crops
