@@ -133,14 +133,17 @@ def test_kill_9_mid_run_loses_no_finished_image(dataset_dir, clean_store, tmp_pa
            "--weights", "none", "--augmentations", "2", "--crops", "2", "--crop-size", "48",
            "--scale", "1", "--batch-size", "3", "--quiet", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def records():  # not the ".tmp-*" file of a write in progress (it also ends in .joblib)
+        return [p for p in out.glob("*/images/*.joblib") if not p.name.startswith(".")]
+
     deadline = time.time() + 120
     while time.time() < deadline:
-        if len(list(out.glob("*/images/*.joblib"))) >= 2:
+        if len(records()) >= 2:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = len(list(out.glob("*/images/*.joblib")))
+    finished = len(records())
     assert finished >= 2
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
