@@ -247,31 +247,17 @@ def check_scheme(dataset: CVDataset, scheme) -> None:
 
 
 def image_predictions(dataset: CVDataset, folds: np.ndarray, row_proba: np.ndarray, spec: RunSpec) -> pd.DataFrame:
-    """Per-image table of votes, mean probabilities and both voting decisions."""
-    classes = np.asarray(dataset.classes)
-    result = vote(dataset.row_image, row_proba, len(dataset.images))
-    frame = pd.DataFrame(
-        {
-            "image_id": dataset.images["image_id"].to_numpy(),
-            "group": dataset.images["group"].to_numpy(),
-            "truth": dataset.images["label"].to_numpy(),
-            "prediction": classes[result.majority],
-            "prediction_mean_proba": classes[result.mean_proba_argmax],
-            "fold": folds,
-            "n_aug": dataset.images["n_aug"].to_numpy(),
-        }
-    )
-    if "magnification" in dataset.images.columns:
-        frame.insert(frame.columns.get_loc("n_aug") + 1, "magnification", dataset.images["magnification"].to_numpy())
-    for j, c in enumerate(classes):
-        frame[f"votes_{c}"] = result.votes[:, j]
-    for j, c in enumerate(classes):
-        frame[f"proba_{c}"] = result.mean_proba[:, j]
-    frame["model"] = spec.name
-    frame["classifier"] = spec.classifier
-    frame["fusion"] = spec.fusion
-    frame["stores"] = "+".join(dataset.store_names[s] for s in spec.stores)
-    return frame
+    """Per-image table of votes, mean probabilities and both voting decisions
+    (:func:`classifiers.predictions.predictions_table`)."""
+    from classifiers.predictions import predictions_table
+
+    images = dataset.images
+    return predictions_table(
+        images["image_id"].to_numpy(), vote(dataset.row_image, row_proba, len(images)), dataset.classes,
+        images["n_aug"].to_numpy(), truth=images["label"].to_numpy(), groups=images["group"].to_numpy(),
+        folds=folds, magnification=images.get("magnification"),
+        run={"model": spec.name, "classifier": spec.classifier, "fusion": spec.fusion,
+             "stores": "+".join(dataset.store_names[s] for s in spec.stores)})
 
 
 def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:

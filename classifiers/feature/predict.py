@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ import pandas as pd
 
 from classifiers.feature.model_io import TrainedModel
 from classifiers.evaluation.voting import vote
+from classifiers.predictions import PredictionResult, predictions_table
 
 log = logging.getLogger(__name__)
 
@@ -36,38 +36,6 @@ class ModelCompatibilityError(ValueError):
 
     The message names what differs (backbone, weights file, feature format) and what to do.
     """
-
-
-@dataclass
-class PredictionResult:
-    """Per-image predictions and what could not be predicted.
-
-    Attributes
-    ----------
-    table : pandas.DataFrame
-        One row per predicted image, in input order: ``image`` (path as given),
-        ``prediction`` (majority vote), ``prediction_mean_proba``, ``n_aug``,
-        ``proba_<class>`` (mean probability over augmentations), ``votes_<class>``,
-        ``stain_note`` (why Macenko was not applied, empty when it was).
-    skipped : list of dict
-        ``{"image": path, "reason": ...}`` for every input that could not be read.
-    classes : tuple of str
-    row_proba : ndarray (n_rows, n_classes)
-        Probability of every (image, augmentation) row, rows ordered as ``row_image``.
-    row_image : ndarray of int
-        Index into ``table`` of every row.
-    seconds : float
-    device : str
-        Where the backbone ran.
-    """
-
-    table: pd.DataFrame
-    skipped: list = field(default_factory=list)
-    classes: tuple = ()
-    row_proba: np.ndarray | None = None
-    row_image: np.ndarray | None = None
-    seconds: float = 0.0
-    device: str = ""
 
 
 def _made_by(model: TrainedModel) -> str:
@@ -340,8 +308,8 @@ def predict_images(
         Xs.append(table.X)
     classes = tuple(model.classes)
     if frame.empty:
-        return PredictionResult(empty_predictions_table(classes), skipped, classes, seconds=time.perf_counter() - start,
-                                device=device)
+        return PredictionResult(predictions_table([], None, classes, 0), skipped, classes,
+                                seconds=time.perf_counter() - start, device=device)
 
     keys = metas[0][["image_id", "aug"]]
     for name, meta in zip(model.store_names[1:], metas[1:]):
@@ -351,26 +319,10 @@ def predict_images(
     images = list(frame["image_id"])
     row_image = pd.Index(images).get_indexer(keys["image_id"])
     row_proba = model.fitted.predict_proba(Xs)
-    result = vote(row_image, row_proba, len(images))
-    names = np.asarray(classes)
-    out = pd.DataFrame({
-        "image": images,
-        "prediction": names[result.majority],
-        "prediction_mean_proba": names[result.mean_proba_argmax],
-        "n_aug": np.bincount(row_image, minlength=len(images)),
-    })
-    for j, c in enumerate(classes):
-        out[f"proba_{c}"] = result.mean_proba[:, j]
-    for j, c in enumerate(classes):
-        out[f"votes_{c}"] = result.votes[:, j]
-    out["stain_note"] = _stain_notes(images, metas, model.store_names)
-    return PredictionResult(out, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
-
-
-def empty_predictions_table(classes) -> pd.DataFrame:
-    columns = ["image", "prediction", "prediction_mean_proba", "n_aug"]
-    columns += [f"proba_{c}" for c in classes] + [f"votes_{c}" for c in classes] + ["stain_note"]
-    return pd.DataFrame(columns=columns)
+    table = predictions_table(images, vote(row_image, row_proba, len(images)), classes,
+                              np.bincount(row_image, minlength=len(images)),
+                              stain_note=_stain_notes(images, metas, model.store_names))
+    return PredictionResult(table, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
 
 
 def _stain_notes(images, metas, store_names) -> list:

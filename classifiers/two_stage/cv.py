@@ -60,6 +60,7 @@ from classifiers.two_stage.model import (
 from classifiers.two_stage.training import CheckpointMismatchError
 from data.files import atomic_write, atomic_write_text
 from classifiers.evaluation.voting import vote
+from classifiers.predictions import PredictionResult, predictions_table
 
 log = logging.getLogger(__name__)
 
@@ -431,34 +432,23 @@ def _present(scores: np.ndarray, model_classes, classes) -> np.ndarray:
 
 def _run_result(dataset: CVDataset, folds: np.ndarray, name: str, method: str, ensemble: bool,
                 scores: dict) -> TwoStageRunResult:
-    classes = np.asarray(dataset.classes)
     per_view = scores[method] if ensemble else scores[method][:, :1]
     n_images, n_views, n_classes = per_view.shape
     rows = per_view.reshape(-1, n_classes)
     row_image = np.repeat(np.arange(n_images), n_views)
     result = vote(row_image, rows, n_images)
-    majority, mean_argmax = result.majority, result.mean_proba_argmax
-    votes = result.votes
     if method == "majority" and not ensemble:
         # Patch votes tied: the larger summed patch probability decides (TwoStageModel.predict).
-        majority = mean_argmax = np.argmax(per_view[:, 0] + 1e-9 * scores["sum"][:, 0], axis=1)
-        votes = np.eye(n_classes, dtype=int)[majority]
-    frame = pd.DataFrame({
-        "image_id": dataset.images["image_id"].to_numpy(),
-        "group": dataset.images["group"].to_numpy(),
-        "truth": dataset.images["label"].to_numpy(),
-        "prediction": classes[majority],
-        "prediction_mean_proba": classes[mean_argmax],
-        "fold": folds,
-        "n_aug": n_views,
-    })
-    for j, c in enumerate(classes):
-        frame[f"votes_{c}"] = votes[:, j]
-    for j, c in enumerate(classes):
-        frame[f"proba_{c}"] = result.mean_proba[:, j]
+        majority = np.argmax(per_view[:, 0] + 1e-9 * scores["sum"][:, 0], axis=1)
+        result = replace(result, votes=np.eye(n_classes, dtype=int)[majority], majority=majority,
+                         mean_proba_argmax=majority)
     fusion = ("ensemble-8" if ensemble else "single") if method == "two_stage" else f"patch-{method}"
     spec = RunSpec(name, "two_stage", fusion, ())
-    frame["model"], frame["classifier"], frame["fusion"], frame["stores"] = name, "two_stage", fusion, ""
+    images = dataset.images
+    frame = predictions_table(images["image_id"].to_numpy(), result, dataset.classes, n_views,
+                              truth=images["label"].to_numpy(), groups=images["group"].to_numpy(), folds=folds,
+                              magnification=images.get("magnification"),
+                              run={"model": name, "classifier": "two_stage", "fusion": fusion, "stores": ""})
     return TwoStageRunResult(spec, (), rows, frame, row_labels=np.repeat(dataset.images["label"].to_numpy(), n_views))
 
 
@@ -623,11 +613,10 @@ def predict_two_stage_images(model: TwoStageModel, paths, *, ensemble: bool | No
 
     Returns
     -------
-    classifiers.feature.predict.PredictionResult
+    classifiers.predictions.PredictionResult
         Same table columns as for a deep-feature model; unreadable images, images smaller than
         a patch or of another grid are in ``skipped`` with their reason.
     """
-    from classifiers.feature.predict import PredictionResult, empty_predictions_table
     from data.io import ImageReadError
     from features.extract import describe_device
 
@@ -647,17 +636,10 @@ def predict_two_stage_images(model: TwoStageModel, paths, *, ensemble: bool | No
         notes.append(note)
     device = describe_device()
     if not images:
-        return PredictionResult(empty_predictions_table(classes), skipped, classes, seconds=time.perf_counter() - start,
-                                device=device)
+        return PredictionResult(predictions_table([], None, classes, 0), skipped, classes,
+                                seconds=time.perf_counter() - start, device=device)
     row_proba = np.concatenate(blocks)
     row_image = np.repeat(np.arange(len(images)), len(transforms))
-    result = vote(row_image, row_proba, len(images))
-    names = np.asarray(classes)
-    out = pd.DataFrame({"image": images, "prediction": names[result.majority],
-                        "prediction_mean_proba": names[result.mean_proba_argmax], "n_aug": len(transforms)})
-    for j, c in enumerate(classes):
-        out[f"proba_{c}"] = result.mean_proba[:, j]
-    for j, c in enumerate(classes):
-        out[f"votes_{c}"] = result.votes[:, j]
-    out["stain_note"] = notes
-    return PredictionResult(out, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
+    table = predictions_table(images, vote(row_image, row_proba, len(images)), classes, len(transforms),
+                              stain_note=notes)
+    return PredictionResult(table, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
