@@ -1,14 +1,14 @@
-"""Heatmaps of a trained model directory, whatever its kind (``pipeline.heatmap``'s library side).
+"""Heatmaps of a trained model, whatever its kind (``pipeline.heatmap``'s library side).
 
-:func:`open_heatmaps` loads the model and returns an object that turns one image into
-``(image as the model sees it, Heatmap)``; :func:`read_heatmap_inputs` reads the images,
-skipping unreadable ones.  The window geometry per kind is in docs/heatmaps.md.
+Each model kind's ``heatmaps()`` returns one of the makers here, which turns one image into
+``(image as the model sees it, Heatmap)``; :func:`open_heatmaps` does it for a model
+directory and checks the options, :func:`read_heatmap_inputs` reads the images, skipping
+unreadable ones.  The window geometry per kind is in docs/heatmaps.md.
 """
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
+import os
 
 import numpy as np
 
@@ -18,27 +18,6 @@ log = logging.getLogger(__name__)
 WHOLE_IMAGE = ("model", "windows")
 #: Default step of deep-feature model windows, in pixels of the resized image.
 FEATURE_STEP = 128
-
-
-def model_kind(model_dir: Path) -> str:
-    """``"features"``, ``"patch_cnn"`` or ``"two_stage"`` from the files in ``model_dir``."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory not found: {model_dir}")
-    if (model_dir / "model.json").is_file():
-        return "features"
-    if (model_dir / "patch_cnn.json").is_file():
-        return "patch_cnn"
-    config = model_dir / "config.json"
-    if config.is_file():
-        try:
-            if json.loads(config.read_text(encoding="utf-8")).get("model") == "two_stage":
-                return "two_stage"
-        except ValueError:
-            pass
-    raise ValueError(f"{model_dir} is not a model directory of this package (no model.json, patch_cnn.json "
-                     "or two-stage config.json); make one with pipeline.train, pipeline.patch_cnn train or "
-                     "pipeline.two_stage train")
 
 
 def _check_window(window: int | None, needed: int, what: str) -> int:
@@ -51,14 +30,13 @@ class FeatureModelHeatmaps:
     """Heatmaps of a deep-feature model (``pipeline.train``): one backbone pass per image, every
     window pooled from its feature map (``exact``: every window through the backbone)."""
 
-    def __init__(self, model_dir, *, window=None, step=None, exact=False, whole_image="model",
+    def __init__(self, model, *, window=None, step=None, exact=False, whole_image="model",
                  weights=None, batch_size=8):
         from classifiers.heatmap import FeatureSource
-        from classifiers.feature.model_io import load_model
         from classifiers.feature.predict import reproducible_configs
         from features.extract import FeatureExtractor
 
-        self.model, self.exact, self.whole_image = load_model(model_dir), exact, whole_image
+        self.model, self.exact, self.whole_image = model, exact, whole_image
         self.classes = tuple(self.model.classes)
         self.weights = dict(weights or {})
         self.configs = reproducible_configs(self.model, self.weights)
@@ -99,10 +77,10 @@ class FeatureModelHeatmaps:
 class PatchCNNHeatmaps:
     """Heatmaps of a patch ConvNet (``pipeline.patch_cnn train``): 32-pixel windows, step 8."""
 
-    def __init__(self, model_dir, *, window=None, step=None, **_):
-        from classifiers.patch_cnn.model import PATCH_SIZE, PatchCNN
+    def __init__(self, model, *, window=None, step=None):
+        from classifiers.patch_cnn.model import PATCH_SIZE
 
-        self.model = PatchCNN.load(model_dir)
+        self.model = model
         self.classes = tuple(self.model.classes)
         self.window = _check_window(window, PATCH_SIZE, "the patch ConvNet")
         self.step = step or 8
@@ -125,10 +103,8 @@ class TwoStageHeatmaps:
     """Heatmaps of a two-stage model: windows of its patch size through the patch-wise network,
     step a quarter patch; the whole-image class is the two-stage prediction."""
 
-    def __init__(self, model_dir, *, window=None, step=None, whole_image="model", **_):
-        from classifiers.two_stage.model import TwoStageModel
-
-        self.whole_image, self.model = whole_image, TwoStageModel.load(model_dir)
+    def __init__(self, model, *, window=None, step=None, whole_image="model"):
+        self.whole_image, self.model = whole_image, model
         self.classes = tuple(self.model.classes_)
         k = self.model.cfg.patch_size
         self.window = _check_window(window, k, "the two-stage model's patch-wise network")
@@ -161,12 +137,9 @@ class TwoStageHeatmaps:
         return scale_image(raw, cfg.scale), heatmap
 
 
-MAKERS = {"features": FeatureModelHeatmaps, "patch_cnn": PatchCNNHeatmaps, "two_stage": TwoStageHeatmaps}
-
-
-def open_heatmaps(model_dir, *, window: int | None = None, step: int | None = None, exact: bool = False,
+def open_heatmaps(model, *, window: int | None = None, step: int | None = None, exact: bool = False,
                   whole_image: str = "model", weights=None, batch_size: int = 8, classes=None):
-    """The heatmap maker of the model in ``model_dir``.
+    """The heatmap maker of ``model``: a :class:`~classifiers.protocol.Model`, or a model directory.
 
     Parameters
     ----------
@@ -193,9 +166,12 @@ def open_heatmaps(model_dir, *, window: int | None = None, step: int | None = No
         raise ValueError("--window and --step must be >= 1 pixel")
     if whole_image not in WHOLE_IMAGE:
         raise ValueError(f"whole_image must be one of {WHOLE_IMAGE}, got {whole_image!r}")
-    maker = MAKERS[model_kind(Path(model_dir))](
-        Path(model_dir), window=window, step=step, exact=exact, whole_image=whole_image,
-        weights=dict(weights or {}), batch_size=batch_size)
+    from classifiers.protocol import load_model
+
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model)
+    maker = model.heatmaps(window=window, step=step, exact=exact, whole_image=whole_image,
+                           weights=dict(weights or {}), batch_size=batch_size)
     unknown = sorted(set(classes or ()) - set(maker.classes))
     if unknown:
         raise ValueError(f"--classes {unknown} not among the model's classes {', '.join(maker.classes)}")

@@ -40,6 +40,8 @@ class PredictionResult:
     seconds : float
     device : str
         Where the backbone ran.
+    n_images : int
+        Image files tried (the inputs' files, folders expanded; ``table`` plus the unreadable).
     """
 
     table: pd.DataFrame
@@ -49,6 +51,7 @@ class PredictionResult:
     row_image: np.ndarray | None = None
     seconds: float = 0.0
     device: str = ""
+    n_images: int = 0
 
 
 def predictions_table(images, votes: VoteResult | None, classes, n_aug, *, stain_note=None,
@@ -136,3 +139,13 @@ def expand_inputs(inputs) -> tuple[list, list]:
         raise ValueError("no image to predict among the inputs: "
                          + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped))
     return list(dict.fromkeys(paths)), skipped
+
+
+def predict_inputs(inputs, predict_paths) -> PredictionResult:
+    """:func:`expand_inputs`, then ``predict_paths(paths) -> PredictionResult``; the inputs
+    skipped while listing come first in ``skipped``."""
+    paths, skipped = expand_inputs(inputs)
+    result = predict_paths(paths)
+    result.skipped = skipped + result.skipped
+    result.n_images = len(paths)
+    return result

@@ -5,16 +5,13 @@
     python -m pipeline.predict --model MODEL_DIR IMAGE_OR_DIR [IMAGE_OR_DIR ...] \\
         [--out predictions.csv] [--weights BACKBONE=FILE] [--batch-size 8]
 
-Each image is processed with the model's own extraction config (stain normalisation, every
-colour augmentation and crop) and decided by majority voting over its augmentations, as in
-cross-validation.  Unreadable images are skipped, logged with their reason and listed at the
-end; ``predictions.csv`` gets one row per predicted image (see
-:class:`classifiers.feature.predict.PredictionResult`).
-
-A two-stage model directory (``config.json`` + ``patch_net.keras`` + ``image_net.keras``, from
-``python -m pipeline.two_stage train`` or a fold of ``pipeline.cv_report``) is recognised and
-predicted with both networks, its 8 rotations/flips taking the place of the augmentations
-(:func:`classifiers.two_stage.cv.predict_two_stage_images`); the CSV has the same columns.
+MODEL_DIR is any model directory (:func:`classifiers.load_model` reads its kind).  A
+deep-feature model processes each image with its own extraction config (stain normalisation,
+every colour augmentation and crop) and decides by majority voting over the augmentations, as
+in cross-validation; a two-stage model votes over its 8 rotations/flips, a patch ConvNet over
+its 32-pixel windows.  Unreadable images are skipped, logged with their reason and listed at
+the end; ``predictions.csv`` gets one row per predicted image, the same columns for every kind
+(:class:`classifiers.predictions.PredictionResult`).
 """
 
 from __future__ import annotations
@@ -56,19 +53,15 @@ def main(argv=None) -> int:
 
 
 def predict(args) -> int:
-    """Predict every image of the inputs and write the CSV."""
-    from classifiers.feature.model_io import load_model
-    from classifiers.feature.predict import predict_images, reproducible_configs
+    """Predict every image of the inputs with the model's own path and write the CSV."""
+    from classifiers.protocol import load_model
 
     check_csv_out(args.out)  # before any work
-    if is_two_stage_model(args.model):
-        return _predict_two_stage(args)
     model = load_model(args.model)
-    reproducible_configs(model, dict(args.weights))  # a model we cannot apply fails before any input check
-    paths, skipped = _inputs(args.images)
-    result = predict_images(model, paths, weights=dict(args.weights), batch_size=args.batch_size,
-                            progress=not args.quiet)
-    return _write(result, skipped + result.skipped, paths, args.out)
+    result = model.predict_images(args.images, weights=dict(args.weights), batch_size=args.batch_size,
+                                  progress=not args.quiet)
+    return _write(result, result.skipped, result.n_images, args.out, "could be read" if model.kind == "features"
+                  else "could be read and used")
 
 
 def check_csv_out(out) -> None:
@@ -83,43 +76,9 @@ def check_csv_out(out) -> None:
         raise ValueError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
 
 
-def _inputs(images):
-    """Image paths to predict and the inputs skipped (logged); an error when none is left."""
-    from classifiers.feature.predict import list_images
-
-    paths, skipped = list_images(images)
-    for item in skipped:
-        log.warning("skipped %s: %s", item["image"], item["reason"])
-    if not paths:
-        raise ValueError("no image to predict among the inputs: "
-                         + "; ".join(f"{s['image']}: {s['reason']}" for s in skipped))
-    return paths, skipped
-
-
-def is_two_stage_model(model_dir) -> bool:
-    """A two-stage model directory: ``config.json`` and ``.keras`` networks, no ``model.json``."""
-    from pathlib import Path
-
-    d = Path(model_dir)
-    return (not (d / "model.json").exists() and (d / "config.json").is_file()
-            and (d / "patch_net.keras").is_file() and (d / "image_net.keras").is_file())
-
-
-def _predict_two_stage(args) -> int:
-    from classifiers.two_stage.model import TwoStageModel
-    from classifiers.two_stage.cv import predict_two_stage_images
-
-    if args.weights:
-        raise ValueError("--weights is for deep-feature models; a two-stage model holds its own weights")
-    model = TwoStageModel.load(args.model)
-    paths, skipped = _inputs(args.images)
-    result = predict_two_stage_images(model, paths)
-    return _write(result, skipped + result.skipped, paths, args.out, "could be read and used")
-
-
-def _write(result, skipped, paths, out, failure: str = "could be read") -> int:
+def _write(result, skipped, n_inputs: int, out, failure: str) -> int:
     if result.table.empty:
-        print(f"{PROG}: error: none of the {len(paths)} images {failure}:", file=sys.stderr)
+        print(f"{PROG}: error: none of the {n_inputs} images {failure}:", file=sys.stderr)
         for item in skipped:
             print(f"  {item['image']}: {item['reason']}", file=sys.stderr)
         return 2

@@ -64,3 +64,14 @@ def tiny_dataset(tiny_dir: Path):
     from data.datasets import load_dataset
 
     return load_dataset(tiny_dir)
+
+
+# --------------------------------------------------------------------------
+# classifiers: the model protocol
+# --------------------------------------------------------------------------
+
+
+def prediction_columns(classes) -> list:
+    """The columns of ``predictions.csv`` (pipeline.predict) for a model of ``classes``, any kind."""
+    return (["image", "prediction", "prediction_mean_proba", "n_aug"] + [f"proba_{c}" for c in classes]
+            + [f"votes_{c}" for c in classes] + ["stain_note"])

@@ -209,33 +209,6 @@ def _same_config(config, record: dict) -> bool:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest() == record.get("config_hash")
 
 
-def list_images(inputs) -> tuple[list, list]:
-    """Expand files and folders into image paths, as given (folders: recursive, sorted).
-
-    Returns
-    -------
-    paths : list of str
-        Files to predict, without duplicates, in input order.
-    skipped : list of dict
-        ``{"image": input, "reason": ...}`` for missing inputs and folders without images.
-    """
-    from data.io import IMAGE_EXTENSIONS, list_images
-
-    paths, skipped = [], []
-    for item in map(str, inputs):
-        p = Path(item)
-        if p.is_dir():
-            found = [str(f) for f in list_images(p)]
-            if not found:
-                skipped.append({"image": item, "reason": f"folder holds no image ({', '.join(IMAGE_EXTENSIONS)})"})
-            paths.extend(found)
-        elif p.exists():
-            paths.append(item)  # explicit files are tried whatever their extension
-        else:
-            skipped.append({"image": item, "reason": "no such file or folder"})
-    return list(dict.fromkeys(paths)), skipped
-
-
 def image_frame(paths) -> pd.DataFrame:
     """The dataset frame extraction expects; the id is the path as given, labels are unknown."""
     paths = [str(p) for p in paths]

@@ -273,7 +273,28 @@ class PatchCNN:
         self.network = build_patch_cnn(self.config.dropout)
         return self
 
-    def fit(self, x: np.ndarray, y: np.ndarray, validation: tuple | None = None, verbose: int = 0) -> dict:
+    def fit(self, data: PatchDataset, *, verbose: int = 0) -> "PatchCNN":
+        """Split ``data`` by image, train a fresh network, and record split sizes and accuracies.
+
+        ``record["metrics"]`` holds the patch accuracy and patch / image / tumour counts of
+        each split (``None`` accuracy for an empty split).
+        """
+        config = self.config
+        split = split_by_image(data.image_ids, config.val_fraction, config.test_fraction, config.seed)
+        masks = {name: np.isin(data.image_ids, ids) for name, ids in split.items()}
+        self.build()
+        val = (data.patches[masks["val"]], data.labels[masks["val"]])
+        self.fit_patches(data.patches[masks["train"]], data.labels[masks["train"]], validation=val, verbose=verbose)
+        metrics = {}
+        for name, mask in masks.items():
+            x, y = data.patches[mask], data.labels[mask]
+            metrics[name] = {"images": len(split[name]), "patches": int(mask.sum()), "tumour_patches": int(y.sum()),
+                             "accuracy": self.accuracy(x, y)}
+        self.record.update(split=split, metrics=metrics, skipped=data.skipped,
+                           conventions=data.conventions, dropped_points=data.dropped)
+        return self
+
+    def fit_patches(self, x: np.ndarray, y: np.ndarray, validation: tuple | None = None, verbose: int = 0) -> dict:
         """Train with Adam and binary cross-entropy; returns the per-epoch history."""
         import keras
 
@@ -350,23 +371,58 @@ class PatchCNN:
         extra = {k: v for k, v in record.items() if k not in ("kind", "format_version", "config")}
         return cls(config, network, extra)
 
+    # -- the model protocol (classifiers.protocol.Model) -------------------------------------------
+
+    kind = "patch_cnn"
+
+    def predict_images(self, inputs, *, weights=None, batch_size=None, progress: bool = False):
+        """Image files or folders -> the one predictions table: an image's non-overlapping
+        32-pixel windows (the heatmap grid at step 32, after ``config.scale``) vote like the
+        augmentations of a deep-feature model (``n_aug`` = windows).  ``batch_size`` and
+        ``progress`` do not apply."""
+        from classifiers.predictions import predict_inputs
+
+        if weights:
+            raise ValueError("--weights is for deep-feature models; a patch ConvNet holds its own weights")
+        return predict_inputs(inputs, self._predict_paths)
+
+    def _predict_paths(self, paths):
+        import time
+
+        from classifiers.evaluation.voting import vote
+        from classifiers.heatmap import window_crops, window_grid
+        from classifiers.predictions import PredictionResult, predictions_table
+        from data.io import ImageReadError, read_image
+        from features.extract import describe_device
+        from features.transforms import scale_image
+
+        start, images, blocks, skipped = time.perf_counter(), [], [], []
+        for path in paths:
+            try:
+                image = scale_image(read_image(path), self.config.scale)
+            except ImageReadError as exc:
+                skipped.append({"image": path, "reason": exc.reason})
+                continue
+            grid = window_grid(image.shape[0], image.shape[1], PATCH_SIZE, PATCH_SIZE)
+            blocks.append(self.predict_proba(window_crops(image, grid)))
+            images.append(path)
+        classes, device = tuple(self.classes), describe_device()
+        if not images:
+            return PredictionResult(predictions_table([], None, classes, 0), skipped, classes,
+                                    seconds=time.perf_counter() - start, device=device)
+        counts = np.array([len(b) for b in blocks])
+        row_image, row_proba = np.repeat(np.arange(len(images)), counts), np.concatenate(blocks)
+        table = predictions_table(images, vote(row_image, row_proba, len(images)), classes, counts,
+                                  stain_note=[""] * len(images))
+        return PredictionResult(table, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
+
+    def heatmaps(self, *, window=None, step=None, **_):
+        """32-pixel windows, step 8, through the network."""
+        from classifiers.model_heatmaps import PatchCNNHeatmaps
+
+        return PatchCNNHeatmaps(self, window=window, step=step)
+
 
 def train_patch_cnn(dataset: PatchDataset, config: PatchCNNConfig, *, verbose: int = 0) -> PatchCNN:
-    """Split ``dataset`` by image, train, and record split sizes and accuracies.
-
-    ``model.record["metrics"]`` holds the patch accuracy and patch / image / tumour counts of
-    each split (``None`` accuracy for an empty split).
-    """
-    split = split_by_image(dataset.image_ids, config.val_fraction, config.test_fraction, config.seed)
-    masks = {name: np.isin(dataset.image_ids, ids) for name, ids in split.items()}
-    model = PatchCNN(config).build()
-    val = (dataset.patches[masks["val"]], dataset.labels[masks["val"]])
-    model.fit(dataset.patches[masks["train"]], dataset.labels[masks["train"]], validation=val, verbose=verbose)
-    metrics = {}
-    for name, mask in masks.items():
-        x, y = dataset.patches[mask], dataset.labels[mask]
-        metrics[name] = {"images": len(split[name]), "patches": int(mask.sum()), "tumour_patches": int(y.sum()),
-                         "accuracy": model.accuracy(x, y)}
-    model.record.update(split=split, metrics=metrics, skipped=dataset.skipped,
-                        conventions=dataset.conventions, dropped_points=dataset.dropped)
-    return model
+    """``PatchCNN(config).fit(dataset)``: split by image, train, record splits and accuracies."""
+    return PatchCNN(config).fit(dataset, verbose=verbose)

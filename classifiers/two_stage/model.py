@@ -823,6 +823,34 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         model._outputs = None
         return model
 
+    # -- the model protocol (classifiers.protocol.Model) -------------------------------------------
+
+    kind = "two_stage"
+
+    @property
+    def classes(self) -> tuple:
+        """Class names in output order (``classes_`` as a tuple of str)."""
+        check_is_fitted(self, "classes_")
+        return tuple(str(c) for c in self.classes_)
+
+    def predict_images(self, inputs, *, weights=None, batch_size=None, progress: bool = False,
+                       ensemble: bool | None = None):
+        """Image files or folders -> the one predictions table, the 8 rotations/flips voting in
+        place of colour augmentations (:func:`classifiers.two_stage.cv.predict_two_stage_images`).
+        ``batch_size`` and ``progress`` do not apply (``config.inference_batch_size`` does)."""
+        from classifiers.predictions import predict_inputs
+        from classifiers.two_stage.cv import predict_two_stage_images
+
+        if weights:
+            raise ValueError("--weights is for deep-feature models; a two-stage model holds its own weights")
+        return predict_inputs(inputs, lambda paths: predict_two_stage_images(self, paths, ensemble=ensemble))
+
+    def heatmaps(self, *, window=None, step=None, whole_image: str = "model", **_):
+        """Windows of the patch size through the patch-wise network, step a quarter patch."""
+        from classifiers.model_heatmaps import TwoStageHeatmaps
+
+        return TwoStageHeatmaps(self, window=window, step=step, whole_image=whole_image)
+
 
 # --------------------------------------------------------------------------------------------
 # Predicting files (what the CLI does)

@@ -252,3 +252,22 @@ def test_cli_stops_on_invalid_annotation_files_listing_all(tmp_path, capsys):
     assert "2 invalid annotation file(s)" in err and "lymphocyte" in err and "outside the 64x64 image" in err
     assert patch_cli.main(["train", "--images", str(tmp_path / "nowhere"), "--out", str(tmp_path / "m")]) == 2
     assert "folder not found" in capsys.readouterr().err
+
+
+def test_patch_cnn_speaks_the_protocol(trained, tmp_path):
+    from classifiers.protocol import Model, load_model
+    from conftest import prediction_columns
+
+    trained.save(tmp_path / "m")
+    loaded = load_model(tmp_path / "m")
+    assert isinstance(loaded, PatchCNN) and isinstance(loaded, Model) and loaded.kind == "patch_cnn"
+    write_image(tmp_path / "tumour.png", make_image("invasive", np.random.default_rng([1, 98]), SIZE))
+    write_image(tmp_path / "normal.png", make_image("normal", np.random.default_rng([1, 99]), SIZE))
+    result = loaded.predict_images([tmp_path / "normal.png", tmp_path / "tumour.png"])
+    table = result.table
+    assert list(table.columns) == prediction_columns(loaded.classes)
+    assert table["n_aug"].tolist() == [4 * 5, 4 * 5]  # 128 x 160 in 32-pixel windows
+    assert table["prediction"].tolist() == ["non-tumour", "tumour"]
+    assert (table[["votes_non-tumour", "votes_tumour"]].sum(axis=1) == 20).all()
+    maker = loaded.heatmaps()
+    assert (maker.window, maker.step) == (32, 8)

@@ -440,3 +440,26 @@ def test_train_stage_resumes_early_stopping_and_lr_schedule(tmp_path):
     assert [h["loss"] for h in history_b] == pytest.approx([h["loss"] for h in history], rel=1e-5)
     for got, want in zip(model_b.get_weights(), model.get_weights()):  # epoch 3's, from its checkpoint
         np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
+# --- the model protocol ---------------------------------------------------------------------------
+
+
+def test_two_stage_model_speaks_the_protocol(fitted, synthetic_dir, tmp_path):
+    from classifiers.protocol import Model, load_model
+    from conftest import prediction_columns
+
+    fitted.save(tmp_path / "model")
+    loaded = load_model(tmp_path / "model")
+    assert isinstance(loaded, TwoStageModel) and isinstance(loaded, Model) and loaded.kind == "two_stage"
+    result = loaded.predict_images([synthetic_dir / "insitu", tmp_path / "missing.png"])
+    assert list(result.table.columns) == prediction_columns(loaded.classes) and len(result.table) == 4
+    assert (result.table["n_aug"] == 8).all() and result.n_images == 4
+    assert [s["reason"] for s in result.skipped] == ["no such file or folder"]
+    direct = fitted.predict_proba(sorted(str(p) for p in (synthetic_dir / "insitu").iterdir()))
+    np.testing.assert_allclose(result.table[[f"proba_{c}" for c in loaded.classes]].to_numpy(dtype=float),
+                               direct, atol=1e-5)
+    with pytest.raises(ValueError, match="holds its own weights"):
+        loaded.predict_images([synthetic_dir], weights={"resnet50": "w.h5"})
+    maker = loaded.heatmaps()
+    assert (maker.window, maker.step) == (64, 16) and maker.classes == loaded.classes
