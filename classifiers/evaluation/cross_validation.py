@@ -28,7 +28,7 @@ import pandas as pd
 from sklearn.base import clone
 
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
-from classifiers.evaluation.folds import assign_folds
+from classifiers.evaluation.folds import GroupedFolds
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, DeviceChoice, make_classifier, resolve_xgboost_device
 from classifiers.feature.tuning import PARAM_GRIDS, InnerCVClassifier, public_params
 from classifiers.evaluation.voting import vote
@@ -281,7 +281,8 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
     check_scheme(dataset, config.scheme)
     specs = plan_runs(len(dataset.X), dataset.store_names, config)
     images = dataset.images
-    image_folds = assign_folds(images["label"].to_numpy(), images["group"].to_numpy(), config.n_folds, config.seed)
+    image_folds = GroupedFolds(config.n_folds, config.seed).assign(images["label"].to_numpy(),
+                                                                   images["group"].to_numpy())
     row_folds = image_folds[dataset.row_image]
     device = resolve_xgboost_device(config.device) if "xgboost" in config.classifiers else None
 

@@ -50,29 +50,56 @@ def check_fold_feasibility(image_labels, image_groups, n_folds: int) -> None:
         )
 
 
-def assign_folds(image_labels, image_groups, n_folds: int = 6, seed: int = 0) -> np.ndarray:
-    """Fold index (0 .. n_folds-1) for every image.
+class GroupedFolds:
+    """Grouped, stratified K folds over images, as a scikit-learn splitter.
+
+    Every image of a group (patient) is in one test fold, and each fold holds every class
+    (checked before splitting: :func:`check_fold_feasibility`).  The folds are those of
+    :class:`sklearn.model_selection.StratifiedGroupKFold` with ``shuffle=True`` and
+    ``random_state=seed``, so a seed names the same folds in every release.
 
     Parameters
     ----------
-    image_labels, image_groups : array-like
-        One entry per image.
-    n_folds : int, default=6
+    n_splits : int, default=6
     seed : int, default=0
-        Seed for StratifiedGroupKFold's shuffling.
 
-    Returns
-    -------
-    ndarray of int
-        ``folds[i]`` is the test fold of image ``i``.
+    Examples
+    --------
+    >>> folds = GroupedFolds(n_splits=2, seed=0).assign(["a", "a", "b", "b"], ["p1", "p2", "p3", "p4"])
+    >>> sorted(folds.tolist())
+    [0, 0, 1, 1]
     """
-    labels, groups = np.asarray(image_labels), np.asarray(image_groups)
-    check_fold_feasibility(labels, groups, n_folds)
-    splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-    folds = np.full(len(labels), -1, dtype=int)
-    for k, (_, test) in enumerate(splitter.split(np.zeros(len(labels)), labels, groups)):
-        folds[test] = k
-    # Invariants the rest of the pipeline relies on.
-    assert (folds >= 0).all(), "an image was left out of every test fold"
-    assert pd.Series(folds).groupby(groups).nunique().max() == 1, "a group spans several folds"
-    return folds
+
+    def __init__(self, n_splits: int = 6, seed: int = 0):
+        self.n_splits = n_splits
+        self.seed = seed
+
+    def __repr__(self) -> str:
+        return f"GroupedFolds(n_splits={self.n_splits}, seed={self.seed})"
+
+    def get_n_splits(self, X=None, y=None, groups=None) -> int:
+        """Number of folds."""
+        return self.n_splits
+
+    def split(self, X, y, groups):
+        """Yield ``(train, test)`` image indices of each fold; ``X`` only gives the length."""
+        labels, groups = np.asarray(y), np.asarray(groups)
+        check_fold_feasibility(labels, groups, self.n_splits)
+        splitter = StratifiedGroupKFold(n_splits=self.n_splits, shuffle=True, random_state=self.seed)
+        yield from splitter.split(np.zeros(len(labels)), labels, groups)
+
+    def assign(self, y, groups) -> np.ndarray:
+        """``folds[i]``: the test fold (0 .. n_splits-1) of image ``i``."""
+        groups = np.asarray(groups)
+        folds = np.full(len(groups), -1, dtype=int)
+        for k, (_, test) in enumerate(self.split(None, y, groups)):
+            folds[test] = k
+        # Invariants the rest of the pipeline relies on.
+        assert (folds >= 0).all(), "an image was left out of every test fold"
+        assert pd.Series(folds).groupby(groups).nunique().max() == 1, "a group spans several folds"
+        return folds
+
+
+def assign_folds(image_labels, image_groups, n_folds: int = 6, seed: int = 0) -> np.ndarray:
+    """``GroupedFolds(n_folds, seed).assign(image_labels, image_groups)``: the fold of every image."""
+    return GroupedFolds(n_folds, seed).assign(image_labels, image_groups)

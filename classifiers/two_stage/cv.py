@@ -1,7 +1,7 @@
 """The two-stage CNN in the cross-validated report, and its predictions in the report's format.
 
 :func:`cross_validate` trains both networks of :class:`~classifiers.two_stage.model.TwoStageModel`
-inside every training fold of the grouped folds of :func:`classifiers.evaluation.folds.assign_folds` -
+inside every training fold of the grouped folds of :class:`classifiers.evaluation.folds.GroupedFolds` -
 the folds the deep-feature classifiers use for the same images, labels, groups and seed - and
 returns a :class:`~classifiers.evaluation.cross_validation.CVResult` that :func:`classifiers.evaluation.report.write_report`
 turns into the usual report.  Given feature stores too, the deep-feature classifiers run first
@@ -47,7 +47,7 @@ import pandas as pd
 from classifiers.evaluation.cv_dataset import (CVDataset, InputDataError, build_dataset, regroupings,
                                                resolve_label_scheme, short_list)
 from classifiers.evaluation.cross_validation import CVConfig, CVResult, RunResult, RunSpec, run_cross_validation
-from classifiers.evaluation.folds import assign_folds
+from classifiers.evaluation.folds import GroupedFolds
 from classifiers.two_stage.grid import N_DIHEDRAL, grid_shape, orient_grid, stack_maps
 from classifiers.two_stage.model import (
     RUNTIME_FIELDS,
@@ -558,15 +558,15 @@ def cross_validate(data: pd.DataFrame, config: TwoStageConfig, cv: CVConfig, out
     if tables:
         dataset = build_dataset(tables, cv.scheme)
         check_same_images(dataset, images)
-        assign_folds(dataset.images["label"].to_numpy(), dataset.images["group"].to_numpy(), cv.n_folds,
-                     cv.seed)  # infeasible folds fail here, before any training
+        # Infeasible folds fail here, before any training.
+        GroupedFolds(cv.n_folds, cv.seed).assign(dataset.images["label"].to_numpy(), dataset.images["group"].to_numpy())
         result = run_cross_validation(dataset, cv)
         folds = result.folds["fold"].to_numpy()
         runs, device = list(result.runs), result.device
     else:
         dataset = images
-        folds = assign_folds(images.images["label"].to_numpy(), images.images["group"].to_numpy(), cv.n_folds,
-                             cv.seed)
+        folds = GroupedFolds(cv.n_folds, cv.seed).assign(images.images["label"].to_numpy(),
+                                                         images.images["group"].to_numpy())
         runs, device = [], None
     two_stage_runs, info = cross_validate_two_stage(
         data, dataset, folds, config, out_dir, stain_reference=stain_reference,

@@ -155,6 +155,31 @@ def test_folds_keep_patients_together_and_stratify():
     assert not np.array_equal(folds, assign_folds(labels, groups, n_folds=6, seed=2))
 
 
+def test_grouped_folds_is_a_splitter_giving_the_same_folds_as_ever():
+    from sklearn.model_selection import cross_val_score
+
+    from classifiers.evaluation.folds import GroupedFolds
+
+    labels = np.array(["a"] * 8 + ["b"] * 8 + ["c"] * 8)
+    groups = np.array([f"p{i // 2}" for i in range(24)])
+    splitter = GroupedFolds(n_splits=4, seed=3)
+    # The folds this seed named before the splitter existed (assign_folds, StratifiedGroupKFold).
+    expected = [3, 3, 2, 2, 1, 1, 0, 0, 1, 1, 2, 2, 3, 3, 0, 0, 2, 2, 0, 0, 3, 3, 1, 1]
+    assert splitter.assign(labels, groups).tolist() == expected
+    assert GroupedFolds(4, 0).assign(labels, groups).tolist()[:8] == [0, 0, 3, 3, 2, 2, 1, 1]
+    splits = list(splitter.split(np.zeros((24, 1)), labels, groups))
+    assert splitter.get_n_splits() == len(splits) == 4
+    for k, (train, test) in enumerate(splits):
+        assert sorted(test) == [i for i, f in enumerate(expected) if f == k]
+        assert sorted(np.concatenate([train, test])) == list(range(24))
+    # scikit-learn takes it as a cv= splitter.
+    X = np.repeat(np.arange(3.0), 8)[:, None] + np.random.default_rng(0).normal(0, 0.1, (24, 1))
+    scores = cross_val_score(make_logreg(), X, labels, groups=groups, cv=splitter)
+    assert scores.shape == (4,) and scores.min() == 1.0
+    with pytest.raises(InputDataError, match="fewer patient groups than folds"):
+        next(GroupedFolds(5).split(None, labels, groups))
+
+
 def test_fold_feasibility_messages():
     labels = np.array(["a"] * 10 + ["b"] * 4)
     with pytest.raises(InputDataError, match=r"fewer images than folds \(6\): 'b': 4\. Use --folds 4"):
