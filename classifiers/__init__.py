@@ -1,22 +1,17 @@
-"""Classifiers, cross-validation, voting, metrics and reports on CNN feature stores.
+"""Models, cross-validation, predictions, heatmaps and reports (layout: docs/architecture.md).
 
-Typical use (what ``python -m pipeline.cv_report`` does)::
+The Python API (:mod:`classifiers.api`)::
 
-    from features.store import load_store
-    from classifiers import CVConfig, build_dataset, run_cross_validation
-    from classifiers.evaluation.report import write_report
+    from classifiers import cross_validate, heatmap, load_model, predict_images, train, write_report
 
-    tables = [load_store(d) for d in store_dirs]
-    config = CVConfig(scheme="bmc3", n_folds=6, seed=0)
-    result = run_cross_validation(build_dataset(tables, config.scheme), config)
+    result = cross_validate(["runs/features/efficientnet_lite0-<hash>"], classifiers=["logreg"])
     write_report(result, "runs/report")
+    model = train(["runs/features/efficientnet_lite0-<hash>"], "runs/model", classifier="logreg")
+    table = predict_images(load_model("runs/model"), ["new/a.png"]).table
+    hm = heatmap(model, "new/a.png", out="runs/heatmaps")
 
-Modules: :mod:`~classifiers.feature.estimators` (estimators, XGBoost device choice),
-:mod:`~classifiers.evaluation.cv_dataset` (store validation, alignment, label schemes),
-:mod:`~classifiers.evaluation.folds` (grouped stratified folds),
-:mod:`~classifiers.evaluation.voting` (per-image voting),
-:mod:`~classifiers.evaluation.cross_validation` (cross-validation, fusion, final fit),
-:mod:`~classifiers.evaluation.metrics` and :mod:`~classifiers.evaluation.report`.
+Every model kind (:class:`FeatureModel`, ``TwoStageModel``, ``PatchCNN``) implements
+:class:`Model`; :func:`load_model` reads any model directory.
 """
 
 # Registers the two_stage backbone with features.backbones (the classifier owns its files).
@@ -32,7 +27,7 @@ from classifiers.evaluation.cross_validation import (
     plan_runs,
     run_cross_validation,
 )
-from classifiers.evaluation.folds import assign_folds, check_fold_feasibility
+from classifiers.evaluation.folds import GroupedFolds, assign_folds, check_fold_feasibility
 from classifiers.feature.estimators import (
     CLASSIFIER_NAMES,
     DeviceChoice,
@@ -42,8 +37,26 @@ from classifiers.feature.estimators import (
     resolve_xgboost_device,
 )
 from classifiers.evaluation.voting import VoteResult, vote
+from classifiers.feature.model import FeatureModel
+from classifiers.feature.model_io import TrainConfig
+from classifiers.predictions import PredictionResult, predictions_table
+from classifiers.protocol import Model, load_model
+from classifiers.api import cross_validate, heatmap, load_features, predict_images, train, write_report
 
 __all__ = [
+    "FeatureModel",
+    "GroupedFolds",
+    "Model",
+    "PredictionResult",
+    "TrainConfig",
+    "cross_validate",
+    "heatmap",
+    "load_features",
+    "load_model",
+    "predict_images",
+    "predictions_table",
+    "train",
+    "write_report",
     "CLASSIFIER_NAMES",
     "FUSION_CHOICES",
     "CVConfig",

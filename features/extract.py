@@ -137,6 +137,32 @@ def resolve_config(dataset: pd.DataFrame | None = None, *, backbone: str = "effi
     return config if model_stain is None else replace(config, stain=model_stain)
 
 
+def extract_features(data, out, *, progress: bool = True, **options) -> "ExtractionSummary":
+    """Images -> a cached feature store under ``out`` (what ``python -m pipeline.extract`` does).
+
+    Parameters
+    ----------
+    data : path or pandas.DataFrame
+        A folder of class folders, a CSV manifest (``data.load_dataset``), or its frame.
+    out : path
+        Store root; the store is ``out/<backbone>-<config hash>/``, resumable.
+    progress : bool
+        Show a progress bar.
+    **options
+        As :func:`resolve_config` takes them: ``backbone``, ``weights``, ``stain_reference``,
+        ``crop_size``, ``scale``, ``augmentations``, ``crops``, ``pooling``, ``mode``, ...
+
+    Returns
+    -------
+    ExtractionSummary
+        ``store_path``, images done now / already stored / skipped with their reasons.
+    """
+    from data.datasets import load_dataset
+
+    dataset = data if isinstance(data, pd.DataFrame) else load_dataset(data)
+    return extract_to_store(dataset, resolve_config(dataset, **options), out, progress=progress)
+
+
 def describe_device() -> str:
     """Which device TensorFlow will run the backbone on; logged so a GPU run is never silent."""
     import tensorflow as tf

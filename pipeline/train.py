@@ -74,8 +74,8 @@ def main(argv=None) -> int:
 
 def train(args) -> int:
     """Fit on every image of the stores, save the model directory, print what was done."""
-    from classifiers.evaluation.cv_dataset import build_dataset
-    from classifiers.feature.model_io import TrainConfig, check_model_out, save_model, train_model
+    from classifiers import FeatureModel, TrainConfig, load_features
+    from classifiers.feature.model_io import check_model_out
     from classifiers.feature.presets import select_stores
     from features.store import exclude_images, load_store
 
@@ -92,17 +92,17 @@ def train(args) -> int:
         raise ValueError("--tune is not available with --dask; tune on one machine or drop --tune")
     check_model_out(args.out, overwrite=args.overwrite)  # before any work
     paths = select_stores(preset, args.features) if preset else args.features
-    tables = [exclude_images(load_store(path), args.exclude) for path in paths]
-    dataset = build_dataset(tables, config.scheme)
+    dataset = load_features([exclude_images(load_store(path), args.exclude) for path in paths], config.scheme)
+    model = FeatureModel(config)
     if args.dask:
         from features.distributed import dask_client
 
         with dask_client(args.dask) as client:
-            model = train_model(dataset, config, client=client)
+            model.fit(dataset, client=client)
     else:
-        model = train_model(dataset, config)
-    out = save_model(model, args.out, overwrite=args.overwrite)
-    print(report(model, out))
+        model.fit(dataset)
+    out = model.save(args.out, overwrite=args.overwrite)
+    print(report(model.trained, out))
     if args.exclude:
         print(f"left out of training: {', '.join(args.exclude)}")
     return 0

@@ -329,3 +329,22 @@ def test_train_exclude_leaves_images_out(stores, tmp_path, capsys):
     assert record["training"]["n_images"] == 6
     assert train_cli.main([*args, "--overwrite", "--exclude", "benign/nope.png"]) == 2
     assert "benign/nope.png" in capsys.readouterr().err
+
+
+def test_python_api_trains_the_model_the_cli_trains(stores, logreg_dir, dataset_dir, tmp_path):
+    from classifiers import FeatureModel, Model, cross_validate, load_model, predict_images, train
+
+    model = train([stores[0]], tmp_path / "api", classifier="logreg")
+    loaded = load_model(logreg_dir)
+    assert isinstance(model, FeatureModel) and isinstance(loaded, Model) and loaded.kind == "features"
+    images = [str(dataset_dir / "invasive" / "invasive_0.png"), str(dataset_dir / "normal")]
+    api = predict_images(tmp_path / "api", images).table
+    assert list(api["image"]) == [images[0], *(str(dataset_dir / "normal" / f"normal_{i}.png") for i in (0, 1))]
+    pd.testing.assert_frame_equal(api, loaded.predict_images(images).table)
+    with pytest.raises(ModelCompatibilityError, match="does not use"):
+        loaded.predict_images([tmp_path / "missing.png"], weights={"resnet50": "w.h5"})  # before any input
+
+    result = cross_validate([stores[0]], classifiers=["logreg"], n_folds=2)
+    (run,) = result.runs
+    assert len(run.predictions) == 8 and set(run.predictions["fold"]) == {0, 1}
+    assert (run.predictions[[f"votes_{c}" for c in loaded.classes]].sum(axis=1) == 2).all()

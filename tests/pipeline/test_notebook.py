@@ -63,7 +63,8 @@ def test_walkthrough_extracts_and_reports(executed):
     nb, run = executed
     cells = nb.cells
     assert "normal      6" in _text(_cell(cells, "from pathlib import Path"))
-    extracted = _text(_cell(cells, "assert extract.main"))
+    assert "main(" not in "".join(c.source for c in cells if c.cell_type == "code")  # the API, not the CLIs
+    extracted = _text(_cell(cells, "features = extract_features("))
     assert "images extracted now: 24, already in the store: 0, skipped: 0" in extracted
     assert "96 crops in" in extracted  # 24 images x 2 augmentations x 2 crops
     (store,) = (run / "features").glob("efficientnet_lite0-*")
@@ -71,7 +72,7 @@ def test_walkthrough_extracts_and_reports(executed):
     assert config["weights"] == "imagenet" and config["weights_sha256"]
     assert (config["augmentations"], config["crops"], config["crop_size"], config["scale"]) == (2, 2, 128, 0.5)
 
-    report = _text(_cell(cells, "cv_report.main"))
+    report = _text(_cell(cells, "result = cross_validate("))
     metrics = json.loads((run / "report" / "metrics.json").read_text())
     accuracy = metrics["runs"]["logreg"]["majority"]["accuracy"]
     assert "24 images, 6 grouped folds" in report
@@ -88,12 +89,12 @@ def test_walkthrough_extracts_and_reports(executed):
 def test_walkthrough_trains_and_predicts(executed):
     nb, run = executed
     cells = nb.cells
-    trained = _text(_cell(cells, "assert train.main"))
+    trained = _text(_cell(cells, "model = train("))
     assert "trained on 24 images (normal 6, benign 6, insitu 6, invasive 6), 48 augmentation rows" in trained
     assert "['estimator-0.npz', 'model.json']" in trained
     assert len(_pngs(_cell(cells, "new = write_dataset"))) == 2
 
-    shown = _text(_cell(cells, "assert predict.main"))
+    shown = _text(_cell(cells, "predictions = predict_images("))
     table = pd.read_csv(run / "predictions.csv", keep_default_na=False)
     images = ["walkthrough-run/new/insitu/insitu_0.png", "walkthrough-run/new/invasive/invasive_0.png"]
     assert list(table["image"]) == images and (table["n_aug"] == 2).all()
@@ -106,3 +107,16 @@ def test_walkthrough_trains_and_predicts(executed):
     for image, prediction in zip(images, table["prediction"]):
         assert f"{image}: {prediction} (votes: " in shown
     assert "2 images predicted" in shown
+
+
+def test_walkthrough_draws_a_heatmap(executed):
+    nb, run = executed
+    shown = _text(_cell(nb.cells, "hm = heatmap("))
+    # invasive_0 scaled by 0.5 is 128 x 160: 64-pixel windows every 32 pixels make a 3 x 4 grid.
+    assert "3x4 windows; whole image: " in shown and "model vote over 2 augmentations" in shown
+    sidecar = json.loads((run / "heatmaps" / "invasive_0.heatmap.json").read_text())
+    assert sidecar["image"].endswith("invasive_0.png")
+    maps = [np.load(run / "heatmaps" / f"invasive_0.{c}.npy") for c in ("normal", "benign", "insitu", "invasive")]
+    assert all(m.shape == (3, 4) for m in maps)
+    np.testing.assert_allclose(sum(maps), 1.0, atol=1e-5)
+    assert _pngs(_cell(nb.cells, "hm = heatmap(")) == [(run / "heatmaps" / "invasive_0.heatmap.png").read_bytes()]

@@ -67,10 +67,10 @@ def test_extract_out_a_file_is_refused(tiny_dir, tmp_path, capsys):
 
 
 def test_predict_out_a_directory_is_refused_before_predicting(tmp_path, capsys, monkeypatch):
-    from classifiers.feature import model_io
+    from classifiers import protocol
     from pipeline import predict
 
-    monkeypatch.setattr(model_io, "load_model", lambda *a: pytest.fail("the model was loaded"))
+    monkeypatch.setattr(protocol, "load_model", lambda *a: pytest.fail("the model was loaded"))
     image = tmp_path / "x.png"
     image.write_bytes(b"x")
     assert predict.main(["--model", str(tmp_path), str(image), "--out", str(tmp_path)]) == 2
@@ -78,10 +78,10 @@ def test_predict_out_a_directory_is_refused_before_predicting(tmp_path, capsys, 
 
 
 def test_train_out_a_file_is_refused_before_training(store, tmp_path, capsys, monkeypatch):
-    from classifiers.feature import model_io
+    from classifiers import FeatureModel
     from pipeline import train
 
-    monkeypatch.setattr(model_io, "train_model", lambda *a, **k: pytest.fail("the model was trained"))
+    monkeypatch.setattr(FeatureModel, "fit", lambda *a, **k: pytest.fail("the model was trained"))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert train.main(["--features", str(store), "--out", str(a_file)]) == 2
