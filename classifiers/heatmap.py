@@ -1,33 +1,6 @@
 """Class-probability heatmaps: slide a window over an image and classify every window.
 
-Window grid
------------
-Windows are squares of ``side = min(window, height, width)`` pixels (an image smaller than the
-window gets one window of its shorter side, as crops do in ``features.augment``).  Along each
-axis the starts are ``0, step, 2 step, ...`` while the window fits, plus one last window flush
-with the right / bottom edge, so every pixel, borders included, is covered by at least one
-window (:func:`window_grid`).  Coordinates are pixels of the image *as the model sees it*,
-i.e. after the model's resize (``scale``); ``Heatmap.scale`` converts back.
-
-Two ways to classify the windows
---------------------------------
-* :func:`sliding_window_heatmap`: any ``predict_proba(crops)`` callable, one crop per window
-  (the patch ConvNet, the two-stage model's patch-wise network, or exact deep features).
-* :func:`feature_heatmap`: deep-feature models.  The backbone runs once on the whole
-  (scaled, stain-normalised, colour augmentation 0 = identity) image; each window's feature
-  is the mean of the feature-map cells under it (:func:`features.feature_maps.pool_windows`,
-  a summed-area table), which is what the backbone's global average pooling would give for
-  the crop except at the crop's borders.  Windows snap to the map's cells (``stride`` = 32
-  pixels), so steps below the stride repeat windows.  ``exact=True`` runs every window
-  through the backbone instead (the reference the README compares against).
-
-Maps and files
---------------
-:class:`Heatmap` keeps one probability per window and class, ``(rows, cols, n_classes)``, at
-window-grid resolution (the value of a cell belongs to its window's centre);
-:meth:`Heatmap.to_image` upsamples to image size by averaging, at each pixel, the
-probabilities of all windows covering it.  :func:`save_heatmap` writes one ``.npy`` per class
-at grid resolution, a JSON sidecar with the geometry, and :func:`render_overlay` the PNG.
+Design notes: docs/heatmaps.md, "Design notes: windows and maps".
 """
 from __future__ import annotations
 

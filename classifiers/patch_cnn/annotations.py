@@ -1,44 +1,6 @@
 """Point annotations (BreCaHAD style) and the tumour / non-tumour patches sampled from them.
 
-File format
------------
-One JSON file per image, named like the image (``Case_1-01.tif`` <-> ``Case_1-01.json``),
-mapping each object class to a list of points; a point is ``{"x": .., "y": ..}`` or
-``[x, y]`` (x = column, y = row)::
-
-    {"tumor": [{"x": 0.0764, "y": 0.3027}, ...], "non_tumor": [...], "mitosis": [...],
-     "apoptosis": [...], "tubule": [...], "non_tubule": [...]}
-
-Class names are matched case-insensitively, with ``-``, ``_`` and spaces alike and both
-spellings of tumour (``tumor``, ``non-tumour``, ``Non tumor`` ...); any other name is an
-error naming the file (:data:`CLASS_NAMES` lists the six).
-
-Coordinates
------------
-BreCaHAD stores coordinates normalised to ``[0, 1]`` (x by the width, y by the height); other
-tools write pixels.  ``convention="auto"`` decides per file: *normalised* when every
-coordinate lies in ``[0, 1]``, *pixels* when most points have a coordinate above 1, and an
-error when most but not all points are in ``[0, 1]`` (a normalised file with bad points cannot
-be told from a pixel file).  A pixel file whose every point lies in the top-left 2x2 pixels
-would be read as normalised: give ``convention="pixels"`` for such a file.  Points are returned
-in pixels, ``(y, x)``, as the rest of the package orders positions.
-
-Bad points
-----------
-A point outside the image (pixels: outside ``[0, width] x [0, height]``; normalised: outside
-``[0, 1]``) is an error naming the file, class, point and image size, or with
-``outside="drop"`` it is dropped and listed in ``PointAnnotations.dropped``.  Non-numeric or
-non-finite coordinates are always an error.  A file without any point is parsed (empty);
-patch sampling refuses it (:class:`NoAnnotationsError`), because an image nobody annotated
-cannot be told from tumour-free tissue, and training skips such images with that reason.
-
-Patches
--------
-:func:`sample_patches`: a *tumour* patch per tumour point, of ``patch_size`` pixels, centred on
-the point up to a seeded jitter and shifted to stay inside the image (the point always stays
-inside the patch); *non-tumour* patches at uniformly random positions whose window, widened by
-``margin`` pixels, holds no annotated point of any class (all such positions are found exactly
-with a summed-area table of the points).
+Design notes: docs/patch-cnn.md, "Design notes: annotations and patches".
 """
 from __future__ import annotations
 

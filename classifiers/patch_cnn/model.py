@@ -1,35 +1,6 @@
 """The small patch ConvNet of Glavcheva, Yaloveha and Podorozhniak: tumour vs non-tumour 32x32.
 
-Architecture (their Table 1; ReLU everywhere, 'valid' convolutions)::
-
-    input 32x32x3, pixels scaled to [0, 1] inside the model (a Rescaling layer)
-    conv 3x3, 32        -> 30x30x32      896 parameters
-    max-pool 2          -> 15x15x32
-    conv 2x2, 32        -> 14x14x32    4,128
-    max-pool 2, stride 1, 'same' padding -> 14x14x32
-    conv 3x3, 64        -> 12x12x64   18,496
-    max-pool 2          ->  6x6x64
-    flatten             ->  2304
-    dense 64, ReLU      ->    64     147,520
-    dropout (0.5; the paper gives no rate)
-    dense 1, sigmoid    ->     1          65
-                                     171,105 in all
-
-The table's fourth layer is a pooling layer whose output keeps the 14x14x32 shape: a 2x2
-max-pool with stride 1 and 'same' padding is the pooling that does so (it smooths the map
-without shrinking it), and it is the one that makes the rest of the table consistent (a
-3x3 'valid' convolution to 12x12x64).  The table lists 16,448 parameters for the first dense
-layer, which is 256 x 64 + 64, but its input is the 2304 flattened values, which gives
-2304 x 64 + 64 = 147,520; only the latter adds up to the paper's total of 171,105
-(896 + 4,128 + 18,496 + 147,520 + 65), which a test checks.
-
-Training: Adam (learning rate 1e-3), binary cross-entropy, 30 epochs, batch 16; the images
-are split 70 / 15 / 15 % into training, validation and test *by image* (all patches of an
-image fall in one split), with a seeded generator.  Patches come from point annotations
-(:mod:`classifiers.patch_cnn.annotations`).
-
-A model directory holds ``patch_cnn.keras`` (the network, no optimizer state, loaded with
-Keras ``safe_mode``) and ``patch_cnn.json`` (config, classes, split, history, metrics).
+Design notes: docs/patch-cnn.md, "Design notes: the network".
 """
 from __future__ import annotations
 

@@ -1,36 +1,6 @@
 """The two-stage CNN in the cross-validated report, and its predictions in the report's format.
 
-:func:`cross_validate` trains both networks of :class:`~classifiers.two_stage.model.TwoStageModel`
-inside every training fold of the grouped folds of :class:`classifiers.evaluation.folds.GroupedFolds` -
-the folds the deep-feature classifiers use for the same images, labels, groups and seed - and
-returns a :class:`~classifiers.evaluation.cross_validation.CVResult` that :func:`classifiers.evaluation.report.write_report`
-turns into the usual report.  Given feature stores too, the deep-feature classifiers run first
-(:func:`~classifiers.evaluation.cross_validation.run_cross_validation`) and the two-stage runs reuse their fold
-assignment, after a check that the stores and the image data hold the same images, labels and
-groups.
-
-Runs (:data:`RUNS`), all from one patch-wise pass over the 8 rotations/flips of each test image:
-
-* ``two_stage`` - both networks, single pass (identity view);
-* ``two_stage_ensemble`` - both networks on the 8 views; the views play the part of the
-  deep-feature augmentations: ``prediction`` is their majority vote (ties: highest mean
-  probability) and ``prediction_mean_proba`` the class of their mean probability, which is
-  Nazeri et al.'s ensemble rule;
-* ``patch_majority``, ``patch_max``, ``patch_sum`` - Araujo et al.'s fusion of the patch-wise
-  network's patch probabilities, single pass (``majority`` ties go to the larger summed
-  probability, as :meth:`TwoStageModel.predict`).
-
-Single-pass runs have one row per image (``n_aug = 1``, ``votes_<class>`` one-hot, both
-predictions equal).  Their ``row_accuracy`` is the image accuracy; the ensemble's is the
-accuracy of single views.
-
-Resuming: everything of fold ``k`` lives in ``OUT_DIR/fold-k/``: ``checkpoints/`` (every
-finished epoch, see :mod:`classifiers.two_stage.training`; deleted once the fold's model is
-saved, unless ``keep_checkpoints``), ``model/`` (the fold's model, :meth:`TwoStageModel.save`),
-``fold.json`` (what the fold was trained on: config, stain reference, training and test
-images; timings and training summary) and ``scores.npz`` (the test images' scores of every
-view and method).  A rerun reuses finished folds, resumes an interrupted one from its last
-finished epoch, and refuses a directory made with another config or other folds.
+Design notes: docs/two-stage.md, "Design notes: cross-validation".
 """
 
 from __future__ import annotations

@@ -1,68 +1,6 @@
 """Two-stage CNN of Nazeri et al. (2018), trained from scratch: no pretrained weights.
 
-A *patch-wise* network turns each ``k x k`` patch (``k = 512``) into ``C`` maps of
-``k/8 x k/8`` (64 x 64); it is trained on the image's label for every patch.  An *image-wise*
-network classifies the maps of an image's non-overlapping patches stacked on channels
-(``12 C x 64 x 64`` for 2048 x 1536 images).  :class:`TwoStageModel` trains both
-(``fit``), predicts with both jointly (``predict_proba``), optionally averaged over the 8
-rotations/flips of the image, and also offers the three patch-fusion baselines of Araujo
-et al. (2017) on the patch-wise network (:data:`METHODS`).
-
-Rotations of non-square images
-------------------------------
-A quarter turn of a 2048 x 1536 image gives a 1536 x 2048 image whose 4 x 3 patch grid does
-not fit the image-wise network, trained on 3 x 4 grids.  Each of the 8 transforms ``g`` is
-therefore applied to the patch grid as to the image it tiles (:func:`~classifiers.two_stage.grid.
-dihedral_grid`: patch positions and pixels), the patch-wise network maps the transformed
-patches, and when the resulting grid of maps is 4 x 3 it is transposed back to 3 x 4 -
-positions *and* map pixels, i.e. the image transpose, so neighbours stay neighbours
-(:func:`~classifiers.two_stage.grid.orient_grid`).  The image-wise network thus always sees its
-trained layout; the 8 members of the ensemble are the 4 layout-preserving transforms
-(identity, the two mirrors, the half turn) of the image, each with the maps computed on the
-patches as they are (``g`` itself) or on the transposed patches (``g`` followed by a
-transpose).  Since the patch-wise network is not equivariant, all 8 members differ in
-general; for an input invariant under all 8 transforms (square grid) they are identical and
-the ensemble equals a single pass.  Images whose own grid is portrait are handled the same
-way, so portrait and landscape images of the trained size both work.  The image-wise
-network is trained on the same 8 views (``image_copies``), so it sees at test time what it
-saw in training.
-
-Architecture (paper defaults; ``w = patch_width = 16``, ``v = image_width = 64``)
------------------------------------------------------------------------------------
-Patch-wise (as the authors' released code): input ``k x k x 3`` scaled to ``[-1, 1]``;
-conv 3x3 ``w``, 3x3 ``w``, 2x2/2 ``w``; 3x3 ``2w``, 3x3 ``2w``, 2x2/2 ``2w``; 3x3 ``4w``,
-3x3 ``4w``, 2x2/2 ``4w``; 3 x (3x3 ``8w``); 3 x (3x3 ``16w``) - 15 layers, each followed by
-batch normalisation and ReLU - then the 16th, a 1x1 convolution to ``C`` linear maps
-(layer ``maps``).  Head (training only): by default the authors' flatten + dense softmax
-(``patch_head="flatten"``: their released code, and what makes the paper's 7.9 MB of weights);
-``patch_head="gap"`` is the paper's wording, global average pooling then a dense softmax (the
-dense layer is needed: with ``C = 1`` the pooled value is a single number, so the patch-wise
-network can only learn a 1-D ordering of the classes, and it learns far more slowly).
-Image-wise: input ``k/8 x k/8 x (n_patches C)``; conv 3x3 ``v``, 3x3 ``v``, 2x2/2 ``v``,
-3x3 ``2v``, 3x3 ``2v``, 2x2/2 ``2v`` with batch normalisation and ReLU; 1x1 conv to 1 map;
-flatten; dense 128, 128, 64 with ReLU and dropout 0.5; dense softmax.  Batch normalisation
-uses PyTorch's constants (momentum 0.1, epsilon 1e-5) and convolutions Xavier-uniform
-initialisation with gain sqrt(2), as the authors' code.  No dropout or weight decay in the
-patch-wise network.
-
-Training (:meth:`TwoStageModel.fit`)
-------------------------------------
-1. All training images are read once (errors name the file, before any training) and must
-   give one non-overlapping grid (either orientation).
-2. A validation split is taken from the given training images only: whole patients
-   (``group``), stratified by class, ``val_fraction`` of each class's patients.
-3. Patch-wise network: every stride-``stride`` patch of every training image,
-   ``patch_copies`` times per epoch with rotations/flips and colour perturbation, in shuffled
-   mini-batches; the validation figure is the patch accuracy on the validation images'
-   non-overlapping patches.  Adam with a step learning-rate decay, ``epochs`` epochs.
-4. Image-wise network: inputs are the stacked maps of ``image_copies`` views of each training
-   image (computed once with the trained patch-wise network), trained with the same optimizer
-   schedule for at most ``image_epochs`` epochs, stopping after ``patience`` epochs without
-   a better validation accuracy and keeping the best epoch's weights.
-5. With ``checkpoint_dir`` every finished epoch is checkpointed atomically and an
-   interrupted ``fit`` resumes from the last finished epoch with the same batches it would
-   have seen (:mod:`classifiers.two_stage.training`); dropout masks after a resume in the
-   image-wise stage are not guaranteed to equal an uninterrupted run's.
+Design notes: docs/two-stage.md, "Design notes: the model".
 """
 
 from __future__ import annotations
