@@ -5,7 +5,7 @@
     python -m pipeline.heatmap --model MODEL_DIR IMAGE [IMAGE ...] [--window N] [--step N] \\
         [--out DIR] [--exact] [--whole-image model|windows] [--classes C ...] [--weights B=FILE]
 
-MODEL_DIR is any trained model of this package, recognised by its files:
+MODEL_DIR is any trained model of this package, of the kind it records (:func:`classifiers.load_model`):
 
 * ``model.json`` (``pipeline.train``, deep features + XGBoost / logistic regression): the
   backbone runs once per image and every window is pooled from its feature map
