@@ -35,7 +35,7 @@ import numpy as np
 from .io import write_image
 from .labels import SCHEMES, canonical_label
 
-__all__ = ["SYNTHETIC_LABELS", "make_image", "write_breakhis", "write_dataset"]
+__all__ = ["DEMO_DIFFICULTY", "SYNTHETIC_LABELS", "make_image", "write_breakhis", "write_dataset"]
 
 #: Labels :func:`make_image` can draw.
 SYNTHETIC_LABELS: tuple[str, ...] = ("normal", "benign", "insitu", "invasive")
@@ -308,6 +308,29 @@ def _draw_invasive(m: _Maps, rng, scale) -> None:
 
 _DRAW = {"normal": _draw_normal, "benign": _draw_benign, "insitu": _draw_insitu, "invasive": _draw_invasive}
 
+# The classes a pathologist confuses with each: neighbours on the normal -> invasive scale.
+_NEIGHBOURS = {"normal": ("benign",), "benign": ("normal", "insitu"), "insitu": ("benign", "invasive"),
+               "invasive": ("insitu",)}
+
+#: Difficulty of the demo data set (``pipeline.extract --data synthetic``): hard enough that the
+#: demo report shows errors and distinct ROC curves, as a real one does.
+DEMO_DIFFICULTY = 0.35
+
+
+def _confuse(maps: _Maps, rng, canon: str, difficulty: float, scale: float) -> None:
+    """Replace a vertical band of up to ``difficulty`` of the width with a neighbouring class."""
+    fraction = rng.uniform(0.0, difficulty)
+    height, width = maps.shape
+    band = int(round(fraction * width))
+    if band < 1:
+        return
+    x0 = int(rng.integers(0, width - band + 1))
+    other = _Maps(height, band)
+    neighbours = _NEIGHBOURS[canon]
+    _DRAW[neighbours[int(rng.integers(len(neighbours)))]](other, rng, scale)
+    maps.h[:, x0:x0 + band] = other.h
+    maps.e[:, x0:x0 + band] = other.e
+
 
 def make_image(
     label: str,
@@ -316,6 +339,7 @@ def make_image(
     *,
     tumour_region: tuple[int, int, int, int] | None = None,
     scale: float = 1.0,
+    difficulty: float = 0.0,
 ) -> np.ndarray:
     """Render one synthetic H&E-like image of a class.
 
@@ -335,6 +359,12 @@ def make_image(
     scale : float, optional
         Size of all structures relative to the default magnification (nuclei
         of about 2-8 px radius); 2.0 looks like a 2x higher magnification.
+    difficulty : float in [0, 1], optional
+        0 draws every class in its textbook form (trivially separable).  Above 0, a band of
+        up to `difficulty` of the width shows a neighbouring class instead (normal <-> benign
+        <-> in situ <-> invasive, as mixed real fields do) and the stain varies more between
+        images (sd of the stain vectors ``0.03 * (1 + 3 * difficulty)``), so some images
+        are genuinely ambiguous.
 
     Returns
     -------
@@ -353,9 +383,13 @@ def make_image(
     height, width = (int(v) for v in size)
     if height <= 0 or width <= 0 or scale <= 0:
         raise ValueError(f"size and scale must be positive, got size={size}, scale={scale}")
+    if not 0.0 <= difficulty <= 1.0:
+        raise ValueError(f"difficulty must be in [0, 1], got {difficulty}")
 
     maps = _Maps(height, width)
     _DRAW[canon](maps, rng, scale)
+    if difficulty > 0:  # no extra draw at 0: the textbook images stay bit-identical
+        _confuse(maps, rng, canon, difficulty, scale)
     if tumour_region is not None:
         y0, x0, y1, x1 = (int(v) for v in tumour_region)
         y0, x0, y1, x1 = max(0, y0), max(0, x0), min(height, y1), min(width, x1)
@@ -365,10 +399,10 @@ def make_image(
         _draw_invasive(tumour, rng, scale)
         maps.h[y0:y1, x0:x1] = tumour.h
         maps.e[y0:y1, x0:x1] = tumour.e
-    return _render(maps, rng, scale)
+    return _render(maps, rng, scale, stain_sd=0.03 * (1 + 3 * difficulty))
 
 
-def _render(m: _Maps, rng, scale) -> np.ndarray:
+def _render(m: _Maps, rng, scale, stain_sd: float = 0.03) -> np.ndarray:
     """Blur, add chromatin texture and stain variation, apply Beer-Lambert."""
     shape = m.shape
     # Grainy chromatin / uneven staining, strongest where the stain is dense.
@@ -378,8 +412,8 @@ def _render(m: _Maps, rng, scale) -> np.ndarray:
     h = cv2.GaussianBlur(m.h, (0, 0), sigma)
     e = cv2.GaussianBlur(m.e, (0, 0), sigma)
     # Per-image stain variation, as between slides and scanners.
-    v_h = _V_H + rng.normal(0, 0.03, 3).astype(np.float32)
-    v_e = _V_E + rng.normal(0, 0.03, 3).astype(np.float32)
+    v_h = _V_H + rng.normal(0, stain_sd, 3).astype(np.float32)
+    v_e = _V_E + rng.normal(0, stain_sd, 3).astype(np.float32)
     h *= rng.uniform(0.9, 1.1)
     e *= rng.uniform(0.9, 1.1)
     od = h[..., None] * v_h + e[..., None] * v_e
@@ -395,6 +429,7 @@ def write_dataset(
     fmt: str = "png",
     scheme: str = "bach4",
     groups: bool = False,
+    difficulty: float = 0.0,
 ) -> Path:
     """Write a small labelled synthetic dataset as class folders plus a manifest.
 
@@ -423,6 +458,9 @@ def write_dataset(
     groups : bool, optional
         If true, add a ``group`` column of patient ids, two consecutive
         images of a class per patient (``<label>_p<k>``).
+    difficulty : float in [0, 1], optional
+        How much the classes overlap (see :func:`make_image`); 0 (the default, for tests)
+        is trivially separable, :data:`DEMO_DIFFICULTY` is the demo's.
 
     Returns
     -------
@@ -456,7 +494,7 @@ def write_dataset(
             # Independent stream per image: stable when n_per_class changes.
             rng = np.random.default_rng([seed, class_idx, i])
             rel = f"{label}/{label}_{i}{ext}"
-            write_image(out / rel, make_image(drawn, rng, size))
+            write_image(out / rel, make_image(drawn, rng, size, difficulty=difficulty))
             rows.append({"path": rel, "label": label, "group": f"{label}_p{i // 2}"})
 
     out.mkdir(parents=True, exist_ok=True)

@@ -20,12 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
 from pipeline._common import run  # first: sets passive OpenMP waiting before XGBoost loads
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
+from classifiers.evaluation.methods import command_line
 from classifiers.feature.estimators import DEVICE_CHOICES, DeviceUnavailableError
 from classifiers.feature.presets import PRESET_NAMES, get_preset
 
@@ -177,7 +179,8 @@ def main(argv=None) -> dict:
     with status 2 and a message saying what to do.
     """
     parser = build_parser()
-    return run(parser, partial(report, parser), argv, errors=(DeviceUnavailableError,),
+    command = command_line("pipeline.cv_report", sys.argv[1:] if argv is None else argv)
+    return run(parser, partial(report, parser, command=command), argv, errors=(DeviceUnavailableError,),
                interrupted=_interrupted, exit_on_error=True, timestamps=True)
 
 
@@ -186,8 +189,9 @@ def _interrupted(args) -> str:
             f"under {Path(args.out) / 'two_stage_folds'})")
 
 
-def report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """Cross-validate what the options select and write the report directory."""
+def report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: str | None = None) -> dict:
+    """Cross-validate what the options select and write the report directory; ``command`` is
+    the command line the report's Methods state.  Ends by printing where report.html is."""
     classifiers = selected_classifiers(args)
     _check_inputs(parser, args, classifiers)
     config = config_from_args(args)
@@ -210,29 +214,33 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     if TWO_STAGE in classifiers:
         result = _two_stage(args, config, tables)
     elif args.seeds:
-        return _repeated(build_dataset(tables, config.scheme), config, args.seeds, args.out)
+        return _repeated(build_dataset(tables, config.scheme), config, args.seeds, args.out, command)
     else:
         dataset = build_dataset(tables, config.scheme)
         result = run_cross_validation(dataset, config)
-    written = write_report_dir(args.out, lambda tmp: write_report(result, tmp))
+    written = write_report_dir(args.out, lambda tmp: write_report(result, tmp, command=command))
     for name, run_ in written["summary"]["runs"].items():
-        maj = run_["majority"]
+        maj, ci = run_["majority"], run_["ci95"]["accuracy_majority"]
         logger.info(
-            "%s: accuracy %.3f (majority), %.3f (mean proba); folds %.3f +- %.3f; macro AUC %.3f",
-            name, maj["accuracy"], run_["mean_proba"]["accuracy"], maj["fold_accuracy_mean"],
-            _number(maj["fold_accuracy_sd"]), _number(run_["roc_auc"]["macro"]),
+            "%s: accuracy %.3f (majority; 95%% CI %.3f-%.3f), %.3f (mean proba); folds %.3f +- %.3f; macro AUC %.3f",
+            name, maj["accuracy"], _number(ci[0]), _number(ci[1]), run_["mean_proba"]["accuracy"],
+            maj["fold_accuracy_mean"], _number(maj["fold_accuracy_sd"]), _number(run_["roc_auc"]["macro"]),
         )
     logger.info("report written to %s (%d files)", args.out, len(written["files"]))
+    print(f"report: {(Path(args.out) / 'report.html').resolve()}")  # the last line: what to open
     return written
 
 
-def _repeated(dataset, config: CVConfig, seeds, out) -> dict:
+def _repeated(dataset, config: CVConfig, seeds, out, command: str | None = None) -> dict:
     """One report per fold seed under ``out/seed-S`` and the table over seeds in ``out``."""
     from classifiers.evaluation.repeated import write_repeated_report
 
-    written = write_report_dir(out, lambda tmp: write_repeated_report(dataset, config, seeds, tmp))
+    written = write_report_dir(out, lambda tmp: write_repeated_report(dataset, config, seeds, tmp, command))
     print(written["markdown"], end="")
     logger.info("report written to %s (%d files)", out, len(written["files"]))
+    out = Path(out).resolve()
+    print(f"table over seeds: {out / 'ensemble.md'}\nreports: " + ", ".join(str(out / f"seed-{s}" / "report.html")
+                                                                      for s in seeds))
     return written
 
 

@@ -38,7 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True,
                    help="a folder with one sub-folder per class, a CSV manifest path,label[,group]"
                    f" (paths relative to the CSV), or '{SYNTHETIC}' for a generated demo set "
-                   "written under OUT/synthetic-data")
+                   "written under OUT/synthetic-data (32 images whose classes overlap, so the demo "
+                   "report shows errors)")
     p.add_argument("--out", required=True, type=Path,
                    help="store root; features go to OUT/<backbone>-<config hash>/")
     p.add_argument("--backbone", default=d.backbone, choices=backbone_names(),
@@ -107,7 +108,7 @@ CONFIG_OPTIONS = ("backbone", "weights", "stain_reference", "crop_size", "scale"
 def extract(args) -> int:
     """Extract every store the options ask for; prints one summary per store."""
     from data.datasets import load_dataset
-    from data.synthetic import write_dataset
+    from data.synthetic import DEMO_DIFFICULTY, write_dataset
     from features.extract import extract_to_store, resolve_config
     from features.image_side import default_workers
 
@@ -116,8 +117,10 @@ def extract(args) -> int:
     stores = store_options(args)  # option clashes fail before any data is read or written
     source = args.data
     if source == SYNTHETIC:
-        # 8 per class: enough for 6-fold CV; 384x512 keeps the demo to seconds per image.
-        source = write_dataset(args.out / "synthetic-data", n_per_class=8, size=(384, 512), seed=args.seed)
+        # 8 per class: enough for 6-fold CV; 384x512 keeps the demo to seconds per image; classes that
+        # overlap (DEMO_DIFFICULTY) so that the demo report shows errors, as a real one does.
+        source = write_dataset(args.out / "synthetic-data", n_per_class=8, size=(384, 512), seed=args.seed,
+                               difficulty=DEMO_DIFFICULTY)
     dataset = load_dataset(source)
     for options in stores:
         config = resolve_config(dataset, **{k: getattr(options, k) for k in CONFIG_OPTIONS})

@@ -8,7 +8,6 @@ command line); :func:`methods_paragraph` turns it into a paragraph ready to past
 from __future__ import annotations
 
 import shlex
-import sys
 
 from classifiers.feature.estimators import make_classifier
 from classifiers.feature.tuning import PARAM_GRIDS, public_params
@@ -40,12 +39,9 @@ _VERSION_NAMES = ("breast-histology-pipeline", "tensorflow", "keras", "xgboost",
                   "opencv", "staintools")
 
 
-def invocation() -> str | None:
-    """The command line of this process when it runs a ``python -m`` module, else ``None``."""
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is None or not spec.name:
-        return None
-    return shlex.join(["python", "-m", spec.name, *sys.argv[1:]])
+def command_line(module: str, argv) -> str:
+    """``python -m MODULE ARGS`` quoted for a shell, as the Methods state it."""
+    return shlex.join(["python", "-m", module, *map(str, argv)])
 
 
 def _classifier_params(name: str) -> dict:
@@ -94,8 +90,8 @@ def describe_methods(result, command: str | None = None) -> dict:
     ----------
     result : CVResult
     command : str, optional
-        The command line that produced the report; by default that of this process when it
-        runs a ``python -m`` module (:func:`invocation`).
+        The command line that produced the report (:func:`command_line`); ``None`` when the
+        report was made from Python.
 
     Returns
     -------
@@ -146,7 +142,7 @@ def describe_methods(result, command: str | None = None) -> dict:
             "xgboost_device": None if device is None else device.device,
         },
         "versions": software_versions(),
-        "command": command if command is not None else invocation(),
+        "command": command,
     }
 
 

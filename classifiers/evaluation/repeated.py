@@ -133,7 +133,7 @@ def ensemble_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_repeated_report(dataset, config: CVConfig, seeds, out_dir) -> dict:
+def write_repeated_report(dataset, config: CVConfig, seeds, out_dir, command: str | None = None) -> dict:
     """Run :func:`run_repeated_cv`, write each seed's full report to ``out_dir/seed-S`` and
     the table over seeds to ``out_dir/ensemble.csv`` and ``out_dir/ensemble.md``.
 
@@ -148,7 +148,7 @@ def write_repeated_report(dataset, config: CVConfig, seeds, out_dir) -> dict:
     results = run_repeated_cv(dataset, config, seeds)
     files = []
     for seed, result in zip(seeds, results):
-        files += write_report(result, out / f"seed-{seed}")["files"]
+        files += write_report(result, out / f"seed-{seed}", command=command)["files"]
     table = ensemble_table(results)
     markdown = (f"{len(results[0].dataset.images)} images, {config.n_folds}-fold grouped CV, fold seeds "
                 f"{', '.join(map(str, seeds))}; accuracy in % as mean ± sd over seeds [sd over all "

@@ -56,7 +56,7 @@ from data.labels import display_name as human
 
 def summarize(result: CVResult, command: str | None = None) -> dict:
     """Everything that goes into ``metrics.json``; ``command`` is the command line to state in
-    the Methods (by default this process's, when run as ``python -m``)."""
+    the Methods (``None``: the report was made from Python)."""
     dataset, config = result.dataset, result.config
     runs = {}
     for run in result.runs:
@@ -543,8 +543,7 @@ def write_report(result: CVResult, out_dir, command: str | None = None) -> dict:
     result : CVResult
     out_dir : str or Path
     command : str, optional
-        Command line stated in the Methods; by default this process's when run as
-        ``python -m`` (see :func:`classifiers.evaluation.methods.invocation`).
+        Command line stated in the Methods (``None``: made from Python, said so).
 
     Returns
     -------
