@@ -358,7 +358,7 @@ def _write_store(root, table, backbone):
     return store.path
 
 
-def test_cli_runs_on_written_stores(tmp_path):
+def test_cli_runs_on_written_stores(tmp_path, capsys):
     from pipeline.cv_report import main
 
     a = _write_store(tmp_path / "stores", synthetic_table(seed=1), "resnet50")
@@ -375,6 +375,11 @@ def test_cli_runs_on_written_stores(tmp_path):
     assert set(metrics["runs"]) == {"logreg-concat", "logreg-mean-proba", "logreg-resnet50", "logreg-xception"}
     assert metrics["runs"]["logreg-concat"]["majority"]["accuracy"] >= 0.95
     assert (out / "report.html").is_file()
+    # The last line printed says what to open; the Methods state this very command.
+    assert capsys.readouterr().out.splitlines()[-1] == f"report: {(out / 'report.html').resolve()}"
+    command = metrics["methods"]["command"]
+    assert command.startswith(f"python -m pipeline.cv_report --features {a} {b} --out {out} --labels binary")
+    assert "--seed 1" in command and command in (out / "report.html").read_text()
 
 
 def test_cli_input_error_exits_with_message(tmp_path, capsys):
