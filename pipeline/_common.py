@@ -58,11 +58,24 @@ def training_config(args: argparse.Namespace) -> dict:
                 val_fraction=args.val_fraction, scale=args.scale, seed=args.seed)
 
 
-def setup_logging(timestamps: bool = False) -> None:
-    """INFO logs to stderr, unless the caller (a notebook, a test) configured logging already."""
+def setup_logging(timestamps: bool = False, verbose: bool = False) -> None:
+    """INFO logs to stderr (DEBUG with ``verbose``), unless the caller (a notebook, a test)
+    configured logging already."""
     if not logging.getLogger().handlers:
         fmt = "%(levelname)s %(name)s: %(message)s"
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s " + fmt if timestamps else fmt)
+        logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                            format="%(asctime)s " + fmt if timestamps else fmt)
+        for noisy in ("matplotlib", "PIL", "h5py", "absl", "tensorflow", "urllib3"):
+            logging.getLogger(noisy).setLevel(logging.INFO if verbose else logging.WARNING)
+
+
+def add_verbose_option(parser: argparse.ArgumentParser) -> None:
+    """``--verbose``: the libraries' start-up messages and debug logs (off by default)."""
+    if not any("--verbose" in action.option_strings for action in parser._actions):
+        parser.add_argument("--verbose", action="store_true",
+                            help="also show the libraries' start-up messages (TensorFlow, absl, CUDA, "
+                            "XGBoost's device probe) and debug logs; by default one plain line says "
+                            "which device runs and why")
 
 
 def run(parser: argparse.ArgumentParser, job: Callable, argv=None, *, errors: tuple = (),
@@ -74,8 +87,13 @@ def run(parser: argparse.ArgumentParser, job: Callable, argv=None, *, errors: tu
     returns something other than a status.  With ``interrupted(args) -> message``, Ctrl-C
     prints ``PROG: MESSAGE`` (how to resume) and gives status 130 (``None``: raised on).
     """
+    add_verbose_option(parser)
     args = parser.parse_args(argv)
-    setup_logging(timestamps)
+    if not args.verbose and argv is None:  # a real command line; a test or notebook keeps its stderr
+        from pipeline._quiet import silence_library_startup
+
+        silence_library_startup()
+    setup_logging(timestamps, verbose=args.verbose)
     try:
         return job(args)
     except KeyboardInterrupt:

@@ -305,8 +305,8 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
                 store = "+".join(dataset.store_names[s] for s in block)
                 chosen[(clf, block)].append({"fold": k, "store": store, **params})
         logger.info(
-            "fold %d/%d: %d train rows, %d test images, %d models in %.1fs",
-            k + 1, config.n_folds, len(train), int((image_folds == k).sum()), len(blocks),
+            "fold %d (%d of %d): %d train rows, %d test images, %d models in %.1fs",
+            k, k + 1, config.n_folds, len(train), int((image_folds == k).sum()), len(blocks),
             time.perf_counter() - t0,
         )
 

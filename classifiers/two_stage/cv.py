@@ -359,13 +359,13 @@ def _run_fold(k: int, fold_dir: Path, table: pd.DataFrame, train, test, config: 
     if record is not None and scores_path.is_file():
         ids, scores, _ = _load_scores(scores_path)
         if ids == fingerprint["test"]:
-            log.info("two-stage fold %d: reusing %s", k + 1, fold_dir)
+            log.info("two-stage fold %d: reusing %s", k, fold_dir)
             return scores, record
     fold_dir.mkdir(parents=True, exist_ok=True)
     if record is not None and (fold_dir / "model" / "config.json").is_file():
         model = TwoStageModel.load(fold_dir / "model")
     else:
-        log.info("two-stage fold %d: training on %d images (%d test images)", k + 1, len(train), len(test))
+        log.info("two-stage fold %d: training on %d images (%d test images)", k, len(train), len(test))
         tic = time.perf_counter()
         model = TwoStageModel(config).fit(table.iloc[train].reset_index(drop=True),
                                           checkpoint_dir=fold_dir / "checkpoints", progress=progress)
@@ -386,7 +386,7 @@ def _run_fold(k: int, fold_dir: Path, table: pd.DataFrame, train, test, config: 
     _save_scores(scores_path, fingerprint["test"], scores, model.classes_.tolist())
     atomic_write_text(fold_dir / _FOLD_FILE, json.dumps(record, indent=2))
     log.info("two-stage fold %d: trained in %.0f s, %d test images predicted (8 views) in %.0f s",
-             k + 1, record["train_seconds"], len(test), record["predict_seconds"])
+             k, record["train_seconds"], len(test), record["predict_seconds"])
     return scores, record
 
 

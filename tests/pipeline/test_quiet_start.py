@@ -1,0 +1,65 @@
+"""A first run that looks right (issue 14 item 1): no TensorFlow / absl / CUDA start-up lines
+unless --verbose, and everything else on stderr passes through unchanged."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline._quiet import is_noise
+
+ROOT = Path(__file__).resolve().parents[2]
+# Lines TensorFlow 2.21 printed on this project's CPU machines (issue 14).
+NOISE = [
+    b"WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+    b"I0000 00:00:1796652296.946957    5111 port.cc:153] oneDNN custom operations are on. You may see slightly "
+    b"different numerical results due to floating-point round-off errors from different computation orders.",
+    b"I0000 00:00:1796652296.972071    5111 cudart_stub.cc:31] Could not find cuda drivers on your machine, GPU "
+    b"will not be used.",
+    b"To enable the following instructions: AVX2 AVX512F AVX512_VNNI AVX512_BF16 FMA, in other operations, "
+    b"rebuild TensorFlow with the appropriate compiler flags.",
+    b"E0000 00:00:1796652312.641712    5111 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error: "
+    b"Failed call to cuInit: UNKNOWN ERROR (303)",
+]
+
+
+def _stderr_of(code: str) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr.decode()
+    return done.stderr.decode()
+
+
+def test_noise_lines_are_recognised_and_ours_are_not():
+    assert all(is_noise(line) for line in NOISE)
+    for ours in (b"INFO features.extract: backbone efficientnet_lite0 runs on CPU (TensorFlow sees no GPU)",
+                 b"python -m pipeline.predict: error: --out is required",
+                 b"Traceback (most recent call last):", b"E0000 is not a log line"):
+        assert not is_noise(ours)
+
+
+def test_filter_drops_noise_and_passes_the_rest_in_order():
+    noise = "".join(f"os.write(2, {line!r} + b'\\n'); " for line in NOISE)
+    code = ("import os, sys; from pipeline._quiet import silence_library_startup; silence_library_startup(); "
+            "print('first', file=sys.stderr, flush=True); " + noise +
+            "os.write(2, b'bar  10%\\rbar  50%\\rbar 100%\\n'); "
+            "print('last', file=sys.stderr, flush=True)")
+    assert _stderr_of(code) == "first\nbar  10%\rbar  50%\rbar 100%\nlast\n"
+
+
+def test_tensorflow_start_up_is_silent():
+    code = ("import sys; from pipeline._quiet import silence_library_startup; silence_library_startup(); "
+            "import tensorflow as tf; tf.config.list_physical_devices('GPU'); print('done', file=sys.stderr)")
+    err = _stderr_of(code)
+    assert err.strip().splitlines()[-1] == "done"
+    for marker in ("I0000", "E0000", "cuInit", "absl::InitializeLog", "oneDNN", "cuda drivers"):
+        assert marker not in err, err
+
+
+@pytest.mark.parametrize("module", ["extract", "cv_report", "train", "predict", "heatmap"])
+def test_every_cli_has_verbose(module, capsys):
+    main = __import__(f"pipeline.{module}", fromlist=["main"]).main
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--verbose" in capsys.readouterr().out
