@@ -25,11 +25,14 @@ from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, CV
 from classifiers.evaluation.cv_dataset import CVDataset, build_dataset
 
 
-def load_features(stores: Sequence, scheme: str = "bach4") -> CVDataset:
-    """Feature stores (directories or loaded tables) aligned into one data set in ``scheme``."""
+def load_features(stores: Sequence, scheme: str = "auto", *, regroup: Sequence = (), magnification=None) -> CVDataset:
+    """Feature stores (directories or loaded tables) aligned into one data set in ``scheme``
+    (``auto``, ``classes``, a built-in name or a mapping file; see
+    :func:`~classifiers.evaluation.cv_dataset.build_dataset` for ``regroup`` and ``magnification``)."""
     from features.store import load_store
 
-    return build_dataset([load_store(s) if isinstance(s, (str, os.PathLike)) else s for s in stores], scheme)
+    return build_dataset([load_store(s) if isinstance(s, (str, os.PathLike)) else s for s in stores], scheme,
+                         regroup=regroup, magnification=magnification)
 
 
 def cross_validate(stores: Sequence, *, scheme: str = "bach4", n_folds: int = 6, seed: int = 0,

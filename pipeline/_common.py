@@ -110,3 +110,67 @@ def _fail(parser: argparse.ArgumentParser, exit_on_error: bool, status: int, mes
         parser.exit(status, f"{parser.prog}: {message}\n")
     print(f"{parser.prog}: {message}", file=sys.stderr)
     return status
+
+
+# --------------------------------------------------------------------------------------------
+# data sets and label schemes (issue 12): the same options in every CLI that reads data
+# --------------------------------------------------------------------------------------------
+
+LABELS_HELP = ("label scheme: auto (default: bach4 for BACH's classes, benign/malignant for BreakHis, "
+               "else the classes as found), classes (as found), bach4, bmc3, binary, breakhis2, breakhis8, "
+               "or a mapping file (JSON: {\"coarse\": [\"fine\", ...], ...}) that merges classes")
+
+
+def labels_spec(text: str) -> str:
+    """argparse type of ``--labels``: a scheme name, or a mapping file that must exist."""
+    from data.labels import SCHEMES
+    from data.mapping import AUTO, CLASSES
+
+    if text in (AUTO, CLASSES) or text in SCHEMES:
+        return text
+    if text.lower().endswith(".json") or os.sep in text or "/" in text:
+        if not os.path.isfile(text):
+            raise argparse.ArgumentTypeError(f"mapping file {text!r} does not exist")
+        return text
+    raise argparse.ArgumentTypeError(f"unknown label scheme {text!r}: use auto, classes, "
+                                     f"{', '.join(SCHEMES)}, or a mapping file (.json)")
+
+
+def mapping_file(text: str) -> str:
+    """argparse type of a mapping file option (``--regroup``, ``--map``): it must exist."""
+    if not os.path.isfile(text):
+        raise argparse.ArgumentTypeError(f"mapping file {text!r} does not exist")
+    return text
+
+
+def add_labels_option(parser: argparse.ArgumentParser, help: str = LABELS_HELP, regroup: bool = True) -> None:
+    """``--labels`` (any scheme) and, with `regroup`, ``--regroup MAPPING`` (repeatable)."""
+    parser.add_argument("--labels", default="auto", type=labels_spec, metavar="SCHEME_OR_MAPPING", help=help)
+    if regroup:
+        parser.add_argument("--regroup", action="append", type=mapping_file, default=[], metavar="MAPPING.json",
+                            help="also report the predictions read through this mapping file (fine classes "
+                            "-> coarse ones), next to the built-in groupings (bach4 -> bmc3, binary; BreakHis "
+                            "subtypes -> benign/malignant); repeatable")
+
+
+def add_data_options(parser: argparse.ArgumentParser) -> None:
+    """``--magnification`` and ``--breakhis-patients`` (images of a data set)."""
+    from data.breakhis import PATIENT_GROUPINGS
+
+    parser.add_argument("--magnification", nargs="+", metavar="MAG",
+                        help="keep only images of these magnifications (BreakHis: 40 100 200 400; from the "
+                        "file names or a manifest 'magnification' column); one not in the data is an error")
+    parser.add_argument("--breakhis-patients", default=PATIENT_GROUPINGS[0], choices=PATIENT_GROUPINGS,
+                        help="patients of BreakHis file names: number (default; slides sharing a number, "
+                        "e.g. 14-22549AB and 14-22549CD, are one patient: no leakage between folds) or slide "
+                        "(BreakHis's 82 ids, as in Spanhol et al.'s protocol)")
+
+
+def load_data(args: argparse.Namespace, source=None, scheme=None):
+    """:func:`data.datasets.load_dataset` of ``args.data`` (or `source`) with the data options;
+    copies of one image are logged and kept in one group."""
+    from data.datasets import load_dataset
+
+    return load_dataset(source if source is not None else args.data, scheme=scheme,
+                        magnification=getattr(args, "magnification", None),
+                        breakhis_patients=getattr(args, "breakhis_patients", "number"))

@@ -3,7 +3,8 @@
 Usage::
 
     python -m pipeline.cv_report [--features STORE_DIR [STORE_DIR ...]] [--data DIR_OR_CSV] \\
-        --out REPORT_DIR [--labels bach4|bmc3|binary] [--folds 6] \\
+        --out REPORT_DIR [--labels auto|classes|bach4|bmc3|binary|breakhis2|breakhis8|MAPPING.json] \\
+        [--regroup MAPPING.json] [--magnification 40 ...] [--folds 6] \\
         [--classifier xgboost|logreg|two_stage] [--seed S] [--fusion concat|mean-proba] \\
         [--n-jobs 2] [--device auto|cpu|cuda] \\
         [--two-stage-preset paper|cpu] [--two-stage-config JSON] [--two-stage-stain none|auto|IMAGE]
@@ -26,13 +27,13 @@ from functools import partial
 from pathlib import Path
 
 from pipeline._common import run  # first: sets passive OpenMP waiting before XGBoost loads
+from pipeline._common import add_data_options, add_labels_option, load_data
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.evaluation.methods import command_line
 from classifiers.feature.estimators import DEVICE_CHOICES, DeviceUnavailableError
 from classifiers.feature.presets import PRESET_NAMES, get_preset
 
 logger = logging.getLogger("pipeline.cv_report")
-SCHEME_CHOICES = ("bach4", "bmc3", "binary")
 TWO_STAGE = "two_stage"
 ALL_CLASSIFIERS = CLASSIFIER_NAMES + (TWO_STAGE,)
 TWO_STAGE_PRESETS = ("paper", "cpu")  # classifiers.two_stage.cv.PRESETS (not imported: TensorFlow)
@@ -68,8 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "swapped in at the end, so a failed run leaves the previous report untouched")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing report at --out (never any other non-empty directory)")
-    parser.add_argument("--labels", default="bach4", choices=SCHEME_CHOICES,
-                        help="label scheme to report in (default bach4); bach4 stores map to bmc3/binary")
+    add_labels_option(parser)
+    add_data_options(parser)
     parser.add_argument("--folds", type=int, default=6, help="number of grouped folds (default 6)")
     parser.add_argument("--classifier", action="append", type=_choices_list(ALL_CLASSIFIERS),
                         help="xgboost, logreg, two_stage (repeat or comma-separate; default xgboost and "
@@ -214,9 +215,9 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
     if TWO_STAGE in classifiers:
         result = _two_stage(args, config, tables)
     elif args.seeds:
-        return _repeated(build_dataset(tables, config.scheme), config, args.seeds, args.out, command)
+        return _repeated(_dataset(args, tables, config), config, args.seeds, args.out, command)
     else:
-        dataset = build_dataset(tables, config.scheme)
+        dataset = _dataset(args, tables, config)
         result = run_cross_validation(dataset, config)
     written = write_report_dir(args.out, lambda tmp: write_report(result, tmp, command=command))
     for name, run_ in written["summary"]["runs"].items():
@@ -229,6 +230,17 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
     logger.info("report written to %s (%d files)", args.out, len(written["files"]))
     print(f"report: {(Path(args.out) / 'report.html').resolve()}")  # the last line: what to open
     return written
+
+
+def _dataset(args, tables, config: CVConfig):
+    """The stores as one data set in ``--labels``, with ``--regroup`` and ``--magnification``."""
+    dataset = build_dataset(tables, config.scheme, regroup=args.regroup, magnification=args.magnification)
+    logger.info("%d images, classes %s (%s)%s", len(dataset.images), ", ".join(dataset.classes),
+                dataset.label_scheme.describe(),
+                "; also read as " + ", ".join(g.name for g in dataset.groupings) if dataset.groupings else "")
+    for ids in dataset.duplicates:
+        logger.warning("same image content, kept in one group: %s", " = ".join(ids))
+    return dataset
 
 
 def _repeated(dataset, config: CVConfig, seeds, out, command: str | None = None) -> dict:
@@ -277,8 +289,14 @@ def write_report_dir(out, write) -> dict:
 def _two_stage(args, config: CVConfig, tables):
     """Cross-validate the two-stage CNN (and the feature classifiers on `tables`) on shared folds."""
     from classifiers.two_stage import cv as two_stage_cv
-    from data.datasets import load_dataset
+    from data.mapping import resolve_scheme
 
+    data = load_data(args, scheme=config.scheme)
+    scheme = resolve_scheme(config.scheme, data["label"])
+    if not scheme.builtin:
+        raise InputDataError(f"the two-stage CNN predicts a built-in scheme (bach4, bmc3, binary, breakhis2, "
+                             f"breakhis8); --labels gives {scheme.describe()}: use the feature classifiers")
+    config = replace(config, scheme=scheme.name)
     try:
         two_stage = two_stage_cv.make_config(args.two_stage_preset, two_stage_overrides(args.two_stage_config),
                                              scheme=config.scheme, seed=config.seed)
@@ -286,7 +304,6 @@ def _two_stage(args, config: CVConfig, tables):
         raise InputDataError(f"--two-stage-config: {exc}") from None
     logger.info("two-stage CNN config: %s", json.dumps({k: v for k, v in two_stage.to_dict().items()
                                                         if k != "stain"}))
-    data = load_dataset(args.data, scheme=config.scheme)
     return two_stage_cv.cross_validate(
         data, two_stage, config, Path(args.out) / "two_stage_folds", tables=tables,
         stain_reference=args.two_stage_stain, keep_checkpoints=args.two_stage_keep_checkpoints,

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline._common import run
+from pipeline._common import add_data_options, load_data, run
 from classifiers.feature.presets import PRESET_NAMES, STORE_FIELDS, get_preset
 from features.backbones import backbone_names
 from features.config import MODES, PRECISIONS, ExtractionConfig
@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--data", required=True,
-                   help="a folder with one sub-folder per class, a CSV manifest path,label[,group]"
-                   f" (paths relative to the CSV), or '{SYNTHETIC}' for a generated demo set "
+                   help="a folder with one sub-folder per class (any class names), a CSV manifest "
+                   "path,label[,group][,magnification] (paths relative to the CSV), the BreakHis folder "
+                   "(or any files named like SOB_B_A-14-22549AB-40-001.png), BACH as distributed "
+                   f"(ICIAR2018_BACH_Challenge/), or '{SYNTHETIC}' for a generated demo set "
                    "written under OUT/synthetic-data (32 images whose classes overlap, so the demo "
                    "report shows errors)")
     p.add_argument("--out", required=True, type=Path,
@@ -93,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "runs (bounded look-ahead); 1 does it in a thread; the store does not depend on it "
                    "(default: cores - 1, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_data_options(p)
     return p
 
 
@@ -107,7 +110,7 @@ CONFIG_OPTIONS = ("backbone", "weights", "stain_reference", "crop_size", "scale"
 
 def extract(args) -> int:
     """Extract every store the options ask for; prints one summary per store."""
-    from data.datasets import load_dataset
+    from data.labels import class_order
     from data.synthetic import DEMO_DIFFICULTY, write_dataset
     from features.extract import extract_to_store, resolve_config
     from features.image_side import default_workers
@@ -121,7 +124,12 @@ def extract(args) -> int:
         # overlap (DEMO_DIFFICULTY) so that the demo report shows errors, as a real one does.
         source = write_dataset(args.out / "synthetic-data", n_per_class=8, size=(384, 512), seed=args.seed,
                                difficulty=DEMO_DIFFICULTY)
-    dataset = load_dataset(source)
+    dataset = load_data(args, source)
+    counts = dataset["label"].value_counts()
+    print(f"{len(dataset)} images, {dataset['group'].nunique()} groups; classes: "
+          + ", ".join(f"{c} {counts[c]}" for c in class_order(counts.index)), flush=True)
+    for ids in dataset.attrs.get("duplicates", []):
+        print(f"  same image content (kept in one group): {' = '.join(ids)}", flush=True)
     for options in stores:
         config = resolve_config(dataset, **{k: getattr(options, k) for k in CONFIG_OPTIONS})
         if args.dask:

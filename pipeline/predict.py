@@ -3,7 +3,9 @@
 ::
 
     python -m pipeline.predict --model MODEL_DIR IMAGE_OR_DIR [IMAGE_OR_DIR ...] \\
-        [--out predictions.csv] [--weights BACKBONE=FILE] [--batch-size 8]
+        [--out predictions.csv] [--weights BACKBONE=FILE] [--batch-size 8] [--map MAPPING.json]
+    python -m pipeline.predict --model MODEL_DIR --data DIR_OR_CSV [--map MAPPING.json] \\
+        [--magnification 40 ...]     # labelled input: accuracy in predictions-accuracy.csv
 
 MODEL_DIR is any model directory (:func:`classifiers.load_model` reads its kind).  A
 deep-feature model processes each image with its own extraction config (stain normalisation,
@@ -12,6 +14,8 @@ in cross-validation; a two-stage model votes over its 8 rotations/flips, a patch
 its 32-pixel windows.  Unreadable images are skipped, logged with their reason and listed at
 the end; ``predictions.csv`` gets one row per predicted image, the same columns for every kind
 (:class:`classifiers.predictions.PredictionResult`).
+A deep-feature model adds ``prediction_<level>`` for every grouping it records (a bach4
+model: bmc3, binary) and for ``--map``; ``--data`` gives labelled input and the accuracy.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import logging
 import os
 import sys
 
-from pipeline._common import add_weights_option, run
+from pipeline._common import add_data_options, add_weights_option, load_data, mapping_file, run
 
 log = logging.getLogger("pipeline.predict")
 PROG = "python -m pipeline.predict"
@@ -35,7 +39,16 @@ def build_parser() -> argparse.ArgumentParser:
         "made by python -m pipeline.train; writes class, mean probabilities and votes per image.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("--data", metavar="DIR_OR_CSV",
+                   help="a labelled data set instead of IMAGE_OR_DIR (class folders, a manifest, BreakHis, BACH's "
+                   "layout): its labels give the accuracy, written to OUT-accuracy.csv (image- and "
+                   "patient-level, per magnification, at every level the labels can be read in)")
+    p.add_argument("--map", type=mapping_file, metavar="MAPPING.json",
+                   help="also read the predictions through this mapping file, from the model's classes or "
+                   "one of its groupings (e.g. {\"benign\": [\"non-carcinoma\"], \"malignant\": [\"carcinoma\"]} "
+                   "for a BACH model on BreakHis): column prediction_<mapping name>")
+    add_data_options(p)
     p.add_argument("--model", required=True, metavar="MODEL_DIR",
                    help="model directory: pipeline.train --out, or a two-stage model (pipeline.two_stage train --out)")
     p.add_argument("--out", default="predictions.csv", help="CSV to write")
@@ -55,13 +68,50 @@ def main(argv=None) -> int:
 def predict(args) -> int:
     """Predict every image of the inputs with the model's own path and write the CSV."""
     from classifiers.protocol import load_model
+    from data.mapping import load_mapping
 
+    if bool(args.images) == bool(args.data):
+        raise ValueError("give either images (files or folders) or --data with a labelled data set")
     check_csv_out(args.out)  # before any work
+    mapping = load_mapping(args.map) if args.map else None
     model = load_model(args.model)
-    result = model.predict_images(args.images, weights=dict(args.weights), batch_size=args.batch_size,
-                                  progress=not args.quiet)
-    return _write(result, result.skipped, result.n_images, args.out, "could be read" if model.kind == "features"
-                  else "could be read and used")
+    failure = "could be read" if model.kind == "features" else "could be read and used"
+    options = dict(weights=dict(args.weights), batch_size=args.batch_size, progress=not args.quiet)
+    if model.kind != "features":
+        if args.data or mapping is not None:
+            raise ValueError("--data and --map are for deep-feature models (pipeline.train) in this version")
+        result = model.predict_images(args.images, **options)
+        return _write(result, result.skipped, result.n_images, args.out, failure)
+    model.check_mapping(mapping)  # a mapping that does not fit fails before any work
+    if args.data:
+        data = load_data(args)
+        result, accuracy = model.predict_dataset(data, mapping=mapping, **options)
+        status = _write(result, result.skipped, len(data), args.out, failure)
+        if status == 0:
+            _write_accuracy(accuracy, args.out)
+        return status
+    result = model.predict_images(args.images, mapping=mapping, **options)
+    return _write(result, result.skipped, result.n_images, args.out, failure)
+
+
+def accuracy_path(out) -> str:
+    """Where the accuracy of a labelled prediction goes: ``predictions.csv`` -> ``predictions-accuracy.csv``."""
+    root, ext = os.path.splitext(out)
+    return f"{root}-accuracy{ext or '.csv'}"
+
+
+def _write_accuracy(accuracy, out) -> None:
+    from data.files import atomic_write
+
+    path = accuracy_path(out)
+    atomic_write(path, lambda tmp: accuracy.to_csv(tmp, index=False))
+    if accuracy.empty:
+        print(f"no accuracy: the labels are not classes of the model or of its groupings (give --map); "
+              f"empty {path}")
+        return
+    print("accuracy (image level; patient level = mean over patients of each patient's accuracy):")
+    print(accuracy.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"written to {path}")
 
 
 def check_csv_out(out) -> None:
@@ -98,7 +148,10 @@ def report(result, skipped, out) -> str:
         votes = " ".join(f"{c} {r[f'votes_{c}']}" for c in classes)
         probas = " ".join(f"{c} {r[f'proba_{c}']:.3f}" for c in classes)
         note = f" [not stain-normalised: {r['stain_note']}]" if r["stain_note"] else ""
-        lines.append(f"{r['image']}: {r['prediction']} (votes: {votes}; mean proba: {probas}){note}")
+        levels = "".join(f" = {r[c]} ({c[len('prediction_'):]})" for c in r
+                         if c.startswith("prediction_") and c != "prediction_mean_proba")
+        truth = f" [truth: {r['truth']}]" if "truth" in r else ""
+        lines.append(f"{r['image']}: {r['prediction']}{levels} (votes: {votes}; mean proba: {probas}){note}{truth}")
     lines.append(f"{len(result.table)} images predicted in {result.seconds:.1f} s on {result.device}; "
                  f"written to {out}")
     if skipped:

@@ -3,7 +3,8 @@
 ::
 
     python -m pipeline.train --features STORE_DIR [STORE_DIR ...] --out MODEL_DIR \\
-        [--labels bach4|bmc3|binary] [--classifier xgboost|logreg] [--fusion concat|mean-proba] \\
+        [--labels auto|classes|bach4|...|MAPPING.json] [--regroup MAPPING.json] [--magnification 40 ...] \\
+        [--classifier xgboost|logreg] [--fusion concat|mean-proba] \\
         [--seed S] [--n-jobs 2] [--device auto|cpu|cuda] [--dask SCHEDULER_ADDRESS|local:N] \\
         [--exclude IMAGE_ID ...] [--tune] [--preset NAME] [--overwrite]
 
@@ -21,6 +22,7 @@ import logging
 import sys
 
 from pipeline._common import run  # first: sets passive OpenMP waiting before XGBoost loads
+from pipeline._common import add_labels_option
 from classifiers.evaluation.cross_validation import FUSION_CHOICES
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES
 from classifiers.feature.presets import PRESET_NAMES, get_preset
@@ -28,7 +30,6 @@ from features.config import ExtractionConfig
 
 log = logging.getLogger("pipeline.train")
 PROG = "python -m pipeline.train"
-SCHEME_CHOICES = ("bach4", "bmc3", "binary")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--features", nargs="+", required=True, metavar="STORE_DIR",
                    help="feature store directories (several = several backbones of the same images)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="model directory to create")
-    p.add_argument("--labels", default="bach4", choices=SCHEME_CHOICES, help="label scheme to predict in")
+    add_labels_option(p)
+    p.add_argument("--magnification", nargs="+", metavar="MAG",
+                   help="train on the images of these magnifications only (BreakHis: 40 100 200 400)")
     p.add_argument("--classifier", default=None, choices=CLASSIFIER_NAMES, help="classifier (default xgboost)")
     p.add_argument("--fusion", default=None, choices=FUSION_CHOICES,
                    help="with several stores: concatenate features, or average per-store models' "
@@ -92,7 +95,8 @@ def train(args) -> int:
         raise ValueError("--tune is not available with --dask; tune on one machine or drop --tune")
     check_model_out(args.out, overwrite=args.overwrite)  # before any work
     paths = select_stores(preset, args.features) if preset else args.features
-    dataset = load_features([exclude_images(load_store(path), args.exclude) for path in paths], config.scheme)
+    dataset = load_features([exclude_images(load_store(path), args.exclude) for path in paths], config.scheme,
+                            regroup=args.regroup, magnification=args.magnification)
     model = FeatureModel(config)
     if args.dask:
         from features.distributed import dask_client
@@ -123,6 +127,9 @@ def report(model, out) -> str:
         + (f", on {t['dask_workers']} dask workers" if "dask_workers" in t else ""),
         f"stores: {stores}",
     ]
+    if model.groupings:
+        lines.append("predict also reports: " + "; ".join(f"{g['name']} ({', '.join(g['classes'])})"
+                                                          for g in model.groupings))
     if model.absent_classes:
         lines.append(f"classes without images (never predicted): {', '.join(model.absent_classes)}")
     lines.append(f"saved to {out}; estimate its accuracy with python -m pipeline.cv_report, not on these images")

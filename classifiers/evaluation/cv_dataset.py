@@ -256,7 +256,29 @@ def _duplicates(meta: pd.DataFrame) -> list:
     return sorted(ids for ids in sets if len(ids) > 1)
 
 
-def build_dataset(tables, scheme="auto", names=None, regroup=()) -> CVDataset:
+def at_magnification(table, magnification, name: str = "store"):
+    """The rows of a feature table at the given magnification(s) (``40``, ``"100x"``, a list).
+
+    Raises
+    ------
+    InputDataError
+        If the store records no magnification, or a requested one is not in it.
+    """
+    from data.datasets import select_magnification
+
+    meta = table.meta
+    per_image = pd.DataFrame({"image_id": meta["image_id"].astype(str),
+                              "magnification": meta["magnification"].astype(str) if "magnification" in meta
+                              else ""}).drop_duplicates("image_id")
+    try:
+        kept = set(select_magnification(per_image, magnification, where=f"store {name!r}")["image_id"])
+    except ValueError as exc:
+        raise InputDataError(str(exc)) from None
+    rows = meta["image_id"].astype(str).isin(kept).to_numpy()
+    return type(table)(meta=meta[rows].reset_index(drop=True), X=np.asarray(table.X)[rows], config=table.config)
+
+
+def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=None) -> CVDataset:
     """Validate and align feature tables, and map their labels to ``scheme``.
 
     Parameters
@@ -271,6 +293,8 @@ def build_dataset(tables, scheme="auto", names=None, regroup=()) -> CVDataset:
         Names of the stores; default from each config's ``backbone``.
     regroup : sequence of path or LabelScheme
         Mapping files of coarser schemes to report too (next to the built-in ones).
+    magnification : str, int or list, optional
+        Keep only the images of these magnifications (:func:`at_magnification`).
 
     Returns
     -------
@@ -289,12 +313,15 @@ def build_dataset(tables, scheme="auto", names=None, regroup=()) -> CVDataset:
     names = list(names) if names is not None else _store_names(configs)
     if len(names) != len(tables) or len(set(names)) != len(names):
         raise InputDataError(f"store names must be unique, one per store: {names}")
+    if magnification is not None:
+        tables = [at_magnification(t, magnification, n) for t, n in zip(tables, names)]
     frames = [_validated_frame(t, n) for t, n in zip(tables, names)]
     metas, Xs = [f[0] for f in frames], [np.ascontiguousarray(f[1], dtype=np.float32) for f in frames]
     _check_same_rows(metas, names)
 
     meta = metas[0].rename(columns={"label": "source_label"})
-    label_scheme = resolve_label_scheme(meta["source_label"].to_numpy(), scheme)
+    # One label per image (not per augmentation row), so that messages count images.
+    label_scheme = resolve_label_scheme(meta.drop_duplicates("image_id")["source_label"].to_numpy(), scheme)
     mapped = np.asarray(label_scheme.map(meta["source_label"].to_numpy(dtype=str)), dtype=str)
     scheme_classes, scheme = tuple(label_scheme.classes), label_scheme.name
     meta["label"] = mapped

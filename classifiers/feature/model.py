@@ -49,18 +49,42 @@ class FeatureModel:
         self.trained = train_model(data, self.config, client=client)
         return self
 
-    def predict_images(self, inputs, *, weights=None, batch_size: int | None = None, progress: bool = False):
+    def predict_images(self, inputs, *, weights=None, batch_size: int | None = None, progress: bool = False,
+                       mapping=None):
         """Extract every image of ``inputs`` (files or folders) with the model's own extraction
         configs and vote over its augmentations (:func:`classifiers.feature.predict.predict_images`).
 
         ``weights``: ``{backbone: file}`` instead of the default weights location; checked
-        against the model's records before any image is read."""
+        against the model's records before any image is read.  ``mapping``: a
+        :class:`data.mapping.LabelScheme` to read the predictions through as well (another
+        data set's classes); the model's groupings are always added (``prediction_<level>``)."""
         from classifiers.feature.predict import predict_images, reproducible_configs
         from classifiers.predictions import predict_inputs
 
         reproducible_configs(self._fitted(), weights)  # a model we cannot apply fails before any input check
+        self.check_mapping(mapping)
         return predict_inputs(inputs, lambda paths: predict_images(self.trained, paths, weights=weights,
-                                                                   batch_size=batch_size, progress=progress))
+                                                                   batch_size=batch_size, progress=progress,
+                                                                   mapping=mapping))
+
+    def check_mapping(self, mapping) -> list:
+        """The levels predictions are read in (:func:`classifiers.evaluation.levels.prediction_levels`);
+        raises ``ValueError`` when `mapping` fits neither the classes nor a grouping."""
+        from classifiers.evaluation.levels import prediction_levels
+
+        return prediction_levels(*self._fitted().scheme_objects(), mapping)
+
+    def predict_dataset(self, data, *, mapping=None, weights=None, batch_size: int | None = None,
+                        progress: bool = False):
+        """Predict a labelled data set (:func:`data.datasets.load_dataset`); returns the
+        :class:`~classifiers.predictions.PredictionResult` (with ``truth``, ``group``...) and the
+        accuracy table (:func:`classifiers.feature.predict.predict_dataset`)."""
+        from classifiers.feature.predict import predict_dataset, reproducible_configs
+
+        reproducible_configs(self._fitted(), weights)
+        self.check_mapping(mapping)
+        return predict_dataset(self.trained, data, mapping=mapping, weights=weights, batch_size=batch_size,
+                               progress=progress)
 
     def heatmaps(self, *, window=None, step=None, exact: bool = False, whole_image: str = "model", weights=None,
                  batch_size: int = 8, **_):
