@@ -148,10 +148,11 @@ def report(result, skipped, out) -> str:
         votes = " ".join(f"{c} {r[f'votes_{c}']}" for c in classes)
         probas = " ".join(f"{c} {r[f'proba_{c}']:.3f}" for c in classes)
         note = f" [not stain-normalised: {r['stain_note']}]" if r["stain_note"] else ""
-        levels = "".join(f" = {r[c]} ({c[len('prediction_'):]})" for c in r
-                         if c.startswith("prediction_") and c != "prediction_mean_proba")
+        levels = ", ".join(f"{c[len('prediction_'):]}: {r[c]}" for c in r
+                           if c.startswith("prediction_") and c != "prediction_mean_proba")
+        levels = f" [{levels}]" if levels else ""
         truth = f" [truth: {r['truth']}]" if "truth" in r else ""
-        lines.append(f"{r['image']}: {r['prediction']}{levels} (votes: {votes}; mean proba: {probas}){note}{truth}")
+        lines.append(f"{r['image']}: {r['prediction']} (votes: {votes}; mean proba: {probas}){levels}{note}{truth}")
     lines.append(f"{len(result.table)} images predicted in {result.seconds:.1f} s on {result.device}; "
                  f"written to {out}")
     if skipped:

@@ -222,6 +222,7 @@ def predict_images(
     weights: dict | None = None,
     batch_size: int | None = None,
     progress: bool = False,
+    mapping=None,
 ) -> PredictionResult:
     """Extract, classify and vote every image of ``paths``.
 
@@ -238,6 +239,9 @@ def predict_images(
         reproduces the training features bit for bit.  Another value changes their last bits.
     progress : bool, default=False
         Show a progress bar per store.
+    mapping : data.mapping.LabelScheme, optional
+        Also read the predictions through this mapping (:func:`add_levels`); the model's own
+        groupings are always added as ``prediction_<grouping>`` columns.
 
     Returns
     -------
@@ -295,6 +299,7 @@ def predict_images(
     table = predictions_table(images, vote(row_image, row_proba, len(images)), classes,
                               np.bincount(row_image, minlength=len(images)),
                               stain_note=_stain_notes(images, metas, model.store_names))
+    add_levels(table, model, mapping)
     return PredictionResult(table, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
 
 
@@ -352,15 +357,17 @@ def predict_dataset(model: TrainedModel, data: pd.DataFrame, *, mapping=None, **
     """
     from classifiers.evaluation.levels import level_accuracy
 
-    result = predict_images(model, data["path"].astype(str).tolist(), **kwargs)
+    from classifiers.evaluation.levels import prediction_levels
+
+    result = predict_images(model, data["path"].astype(str).tolist(), mapping=mapping, **kwargs)
     table = result.table
     info = data.assign(path=data["path"].astype(str)).set_index("path")
     extra = [c for c in ("image_id", "label", "group", "magnification") if c in info.columns]
     for k, column in enumerate(extra):
         values = info.loc[table["image"], column].to_numpy() if len(table) else []
         table.insert(1 + k, "truth" if column == "label" else column, values)
-    levels = add_levels(table, model, mapping)
-    scheme, _ = model.scheme_objects()
+    scheme, groupings = model.scheme_objects()
+    levels = prediction_levels(scheme, groupings, mapping)
     parts = []
     mags = table["magnification"].astype(str) if "magnification" in table else pd.Series("", index=table.index)
     for mag in ["all"] + sorted({m for m in mags if m}, key=lambda m: (len(m), m)):
