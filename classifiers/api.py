@@ -35,22 +35,27 @@ def load_features(stores: Sequence, scheme: str = "auto", *, regroup: Sequence =
                          regroup=regroup, magnification=magnification)
 
 
-def cross_validate(stores: Sequence, *, scheme: str = "bach4", n_folds: int = 6, seed: int = 0,
+def cross_validate(stores: Sequence, *, scheme: str = "auto", n_folds: int = 6, seed: int = 0,
                    classifiers: Sequence[str] = ("xgboost", "logreg"), fusion: Sequence[str] = FUSION_CHOICES,
-                   **options) -> CVResult:
+                   regroup: Sequence = (), magnification=None, **options) -> CVResult:
     """Grouped, stratified ``n_folds``-fold CV of each classifier on the stores (``pipeline.cv_report``).
 
-    ``options``: the other :class:`~classifiers.evaluation.cross_validation.CVConfig` fields
-    (``n_jobs``, ``device``, ``tune``).  Write the report with :func:`write_report`.
+    ``scheme``: ``auto`` (bach4 for BACH, benign/malignant for BreakHis, else the classes as
+    found), ``classes``, a built-in name or a mapping file; ``regroup``, ``magnification``: as
+    :func:`load_features`.  ``options``: the other
+    :class:`~classifiers.evaluation.cross_validation.CVConfig` fields (``n_jobs``, ``device``,
+    ``tune``).  Write the report with :func:`write_report`.
     """
     config = CVConfig(scheme=scheme, n_folds=n_folds, classifiers=tuple(classifiers), fusion=tuple(fusion),
                       seed=seed, **options)
     config.validate()
-    return run_cross_validation(load_features(stores, scheme), config)
+    return run_cross_validation(load_features(stores, scheme, regroup=regroup, magnification=magnification),
+                                config)
 
 
-def train(stores: Sequence, out=None, *, scheme: str = "bach4", classifier: str = "xgboost",
-          fusion: str = "concat", seed: int = 0, overwrite: bool = False, **options):
+def train(stores: Sequence, out=None, *, scheme: str = "auto", classifier: str = "xgboost",
+          fusion: str = "concat", seed: int = 0, overwrite: bool = False, regroup: Sequence = (),
+          magnification=None, **options):
     """The final :class:`~classifiers.feature.model.FeatureModel` on every image (``pipeline.train``).
 
     ``out``: save it there (refused before training when it holds anything but a model, or a
@@ -64,7 +69,7 @@ def train(stores: Sequence, out=None, *, scheme: str = "bach4", classifier: str 
     model.config.validate()
     if out is not None:
         check_model_out(out, overwrite=overwrite)
-    model.fit(load_features(stores, scheme))
+    model.fit(load_features(stores, scheme, regroup=regroup, magnification=magnification))
     if out is not None:
         model.save(out, overwrite=overwrite)
     return model

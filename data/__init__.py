@@ -41,7 +41,7 @@ from .labels import (
     supported_schemes,
 )
 from .mapping import LabelScheme, MappingError, groupings, load_mapping, resolve_scheme
-from .synthetic import make_image, write_dataset
+from .synthetic import make_image, write_breakhis, write_dataset
 
 __all__ = [
     "CANONICAL_LABELS",
@@ -70,6 +70,7 @@ __all__ = [
     "resolve_scheme",
     "select_magnification",
     "supported_schemes",
+    "write_breakhis",
     "write_dataset",
     "write_image",
 ]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from classifiers.two_stage.model import METHODS, TwoStageConfig
 from data.labels import SCHEMES
-from pipeline._common import add_training_options, run, training_config
+from pipeline._common import add_data_options, add_training_options, load_data, run, training_config
 
 log = logging.getLogger("pipeline.two_stage")
 
@@ -32,9 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", formatter_class=fmt, help="train both networks and save the model",
                        description="Train the patch-wise, then the image-wise network; checkpoints "
                        "go to OUT/checkpoints and a rerun resumes from the last finished epoch.")
-    t.add_argument("--data", required=True, help="folder of class folders or CSV manifest path,label[,group]")
+    t.add_argument("--data", required=True, help="folder of class folders, CSV manifest path,label[,group], "
+                   "the BreakHis folder or BACH as distributed (docs/data-sets.md)")
     t.add_argument("--out", required=True, type=Path, help="model directory")
-    t.add_argument("--scheme", default=d.scheme, choices=sorted(SCHEMES), help="label scheme")
+    t.add_argument("--scheme", default="auto", choices=("auto", *sorted(SCHEMES)),
+                   help="label scheme (a built-in one: the networks have one output per class); auto: bach4 "
+                   "for BACH's classes, breakhis2 (benign/malignant) for BreakHis")
+    add_data_options(t)
     t.add_argument("--patch-size", type=int, default=d.patch_size, help="patch side k (multiple of 32)")
     t.add_argument("--stride", type=int, default=d.stride, help="patch stride for the patch-wise network")
     t.add_argument("--channels", type=int, default=d.channels, help="maps per patch (C)")
@@ -72,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def train(args) -> int:
     from classifiers.two_stage.model import TwoStageModel
-    from data.datasets import load_dataset
+    from data.mapping import resolve_scheme
 
-    dataset = load_dataset(args.data, scheme=args.scheme)
+    dataset = load_data(args, scheme=args.scheme)
+    scheme = resolve_scheme(args.scheme, dataset["label"])
+    if not scheme.builtin:
+        raise ValueError(f"the two-stage CNN predicts a built-in scheme ({', '.join(SCHEMES)}); the labels of "
+                         f"{args.data} are {', '.join(scheme.classes)}: use the deep-feature pipeline for them")
+    args.scheme = scheme.name
     stain = None
     if args.stain_reference.lower() != "none":
         from features.stain import fit_stain_reference

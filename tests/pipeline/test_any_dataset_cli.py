@@ -131,3 +131,16 @@ def test_own_classes_and_mapping_file_end_to_end(tmp_path, capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "bad.json' leaves label(s) of the store(s) unmapped: 'grade2' (3 images)" in err
+
+
+def test_two_stage_train_takes_builtin_schemes_only(tmp_path, capsys):
+    import numpy as np
+
+    from data.io import write_image
+    from pipeline import two_stage as two_stage_cli
+
+    for k, grade in enumerate(("grade1", "grade2")):
+        write_image(tmp_path / "d" / grade / "a.png", np.full((40, 40, 3), 10 + k, np.uint8))
+    assert two_stage_cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m")]) == 2
+    assert "the two-stage CNN predicts a built-in scheme" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()

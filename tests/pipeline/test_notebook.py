@@ -120,3 +120,18 @@ def test_walkthrough_draws_a_heatmap(executed):
     assert all(m.shape == (3, 4) for m in maps)
     np.testing.assert_allclose(sum(maps), 1.0, atol=1e-5)
     assert _pngs(_cell(nb.cells, "hm = heatmap(")) == [(run / "heatmaps" / "invasive_0.heatmap.png").read_bytes()]
+
+
+def test_walkthrough_reads_a_breakhis_shaped_set_by_patient_and_magnification(executed):
+    nb, run = executed
+    listed = _text(_cell(nb.cells, "from data import load_dataset, write_breakhis"))
+    assert "32 images, 15 patients, magnifications ['40', '100']" in listed
+    shown = _text(_cell(nb.cells, "bh_features = extract_features("))
+    metrics = json.loads((run / "breakhis-report" / "metrics.json").read_text())
+    run_ = metrics["runs"]["logreg"]["majority"]
+    assert metrics["classes"] == ["benign", "malignant"]
+    assert (f"image-level accuracy {run_['accuracy']:.3f}, patient-level accuracy "
+            f"{run_['patient_accuracy']:.3f} over 15 patients") in shown
+    folds = pd.read_csv(run / "breakhis-report" / "folds.csv", dtype=str)
+    assert folds.groupby("group")["fold"].nunique().max() == 1
+    assert [m["magnification"] for m in run_["magnification"]] == ["40", "100", "all"]
