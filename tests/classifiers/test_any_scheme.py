@@ -109,3 +109,22 @@ def test_auto_scheme_keeps_bach_and_reads_breakhis_as_benign_malignant():
     bach = synthetic_table((6, 6, 6, 6), seed=1)
     assert build_dataset([bach]).scheme == "bach4"
     assert resolve_scheme("auto", ["ductal_carcinoma", "adenosis"]).name == "breakhis2"
+
+
+def test_ensemble_table_reads_any_scheme_through_its_groupings(tmp_path):
+    from classifiers.evaluation.repeated import ensemble_markdown, ensemble_table, run_repeated_cv
+
+    path = tmp_path / "grades.json"
+    path.write_text(json.dumps({"low": ["grade1", "grade2"], "high": ["grade3"]}))
+    dataset = build_dataset([synthetic_table((8, 8, 8), classes=GRADES, seed=2)], "classes", regroup=[str(path)])
+    results = run_repeated_cv(dataset, CVConfig(scheme="classes", n_folds=3, classifiers=("logreg",), **THREADS),
+                              [0, 1])
+    table = ensemble_table(results)
+    per_seed = [r.runs[0].predictions for r in results]
+    low = [float((p["truth"].isin(["grade1", "grade2"]) == p["prediction"].isin(["grade1", "grade2"])).mean())
+           for p in per_seed]
+    assert table.loc[0, "grades_mean"] == pytest.approx(np.mean(low))
+    assert table.loc[0, "classes_mean"] == pytest.approx(
+        np.mean([float((p["truth"] == p["prediction"]).mean()) for p in per_seed]))
+    assert "auc_high_mean" in table.columns  # the positive class of the two-class grouping
+    assert "| run | stores | classes | grades | AUC high |" in ensemble_markdown(table)
