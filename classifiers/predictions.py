@@ -8,6 +8,7 @@ holds, for ``pipeline.predict`` and for cross-validation alike (docs/file-format
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,3 +150,24 @@ def predict_inputs(inputs, predict_paths) -> PredictionResult:
     result.skipped = skipped + result.skipped
     result.n_images = len(paths)
     return result
+
+
+def check_predictions_out(out) -> Path:
+    """Refuse, before any work, a CSV path that is a directory or whose folder cannot be made."""
+    path = Path(os.path.abspath(out))
+    if path.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a CSV file path, e.g. {Path(out) / 'predictions.csv'}")
+    parent = path.parent
+    while not parent.exists() and parent.parent != parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
+    return path
+
+
+def write_predictions(result: PredictionResult, out) -> Path:
+    """``result.table`` as a CSV at ``out``, written atomically (never half a CSV)."""
+    from data.files import atomic_write
+
+    Path(os.path.abspath(out)).parent.mkdir(parents=True, exist_ok=True)
+    return atomic_write(out, lambda tmp: result.table.to_csv(tmp, index=False))

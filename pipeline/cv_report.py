@@ -205,6 +205,7 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
     from features.store import load_store  # imported late: only the CLI needs the store format
     from classifiers.feature.presets import select_stores
     from classifiers.evaluation.report import write_report
+    from classifiers.evaluation.report_dir import check_report_out, write_report_dir
 
     check_report_out(args.out, args.overwrite)  # before any work
     paths = args.features or ()
@@ -246,6 +247,7 @@ def _dataset(args, tables, config: CVConfig):
 def _repeated(dataset, config: CVConfig, seeds, out, command: str | None = None) -> dict:
     """One report per fold seed under ``out/seed-S`` and the table over seeds in ``out``."""
     from classifiers.evaluation.repeated import write_repeated_report
+    from classifiers.evaluation.report_dir import write_report_dir
 
     written = write_report_dir(out, lambda tmp: write_repeated_report(dataset, config, seeds, tmp, command))
     print(written["markdown"], end="")
@@ -253,36 +255,6 @@ def _repeated(dataset, config: CVConfig, seeds, out, command: str | None = None)
     out = Path(out).resolve()
     print(f"table over seeds: {out / 'ensemble.md'}\nreports: " + ", ".join(str(out / f"seed-{s}" / "report.html")
                                                                       for s in seeds))
-    return written
-
-
-#: Left in REPORT_DIR by an interrupted two-stage run, to resume: not a report, kept in the new one.
-RESUMABLE = ("two_stage_folds",)
-
-
-def _is_report(path: Path) -> bool:
-    return (path / "metrics.json").is_file() or (path / "ensemble.csv").is_file()
-
-
-def check_report_out(out, overwrite: bool) -> Path:
-    """Refuse, before any work, an ``--out`` that is a file, or a non-empty directory without
-    ``--overwrite`` (or with it, when it is not a report)."""
-    from data.files import check_output_dir
-
-    return check_output_dir(out, overwrite=overwrite, is_ours=_is_report, what="report",
-                            resumable=RESUMABLE)
-
-
-def write_report_dir(out, write) -> dict:
-    """Write the report with ``write(tmp)`` into a temporary directory and swap it into ``out``:
-    a full disk or an interrupt leaves the previous report whole, and no stale file of it
-    survives in the new one.  Paths in the returned ``files`` are those under ``out``."""
-    from data.files import atomic_directory
-
-    with atomic_directory(out, keep=RESUMABLE) as tmp:
-        written = write(tmp)
-    tmp, out = str(tmp), str(Path(out))
-    written["files"] = [out + f[len(tmp):] if f.startswith(tmp) else f for f in written["files"]]
     return written
 
 
@@ -298,13 +270,13 @@ def _two_stage(args, config: CVConfig, tables):
                              f"breakhis8); --labels gives {scheme.describe()}: use the feature classifiers")
     config = replace(config, scheme=scheme.name)
     try:
-        two_stage = two_stage_cv.make_config(args.two_stage_preset, two_stage_overrides(args.two_stage_config),
+        two_stage = two_stage_cv.preset_config(args.two_stage_preset, two_stage_overrides(args.two_stage_config),
                                              scheme=config.scheme, seed=config.seed)
     except (ValueError, TypeError) as exc:  # bad JSON, unknown or invalid fields
         raise InputDataError(f"--two-stage-config: {exc}") from None
     logger.info("two-stage CNN config: %s", json.dumps({k: v for k, v in two_stage.to_dict().items()
                                                         if k != "stain"}))
-    return two_stage_cv.cross_validate(
+    return two_stage_cv.run_two_stage_cross_validation(
         data, two_stage, config, Path(args.out) / "two_stage_folds", tables=tables,
         stain_reference=args.two_stage_stain, keep_checkpoints=args.two_stage_keep_checkpoints,
         progress=args.progress)

@@ -67,12 +67,13 @@ def main(argv=None) -> int:
 
 def predict(args) -> int:
     """Predict every image of the inputs with the model's own path and write the CSV."""
+    from classifiers.predictions import check_predictions_out
     from classifiers.protocol import load_model
     from data.mapping import load_mapping
 
     if bool(args.images) == bool(args.data):
         raise ValueError("give either images (files or folders) or --data with a labelled data set")
-    check_csv_out(args.out)  # before any work
+    check_predictions_out(args.out)  # before any work
     mapping = load_mapping(args.map) if args.map else None
     model = load_model(args.model)
     failure = "could be read" if model.kind == "features" else "could be read and used"
@@ -114,28 +115,15 @@ def _write_accuracy(accuracy, out) -> None:
     print(f"written to {path}")
 
 
-def check_csv_out(out) -> None:
-    """``--out`` must be a file path whose folder exists or can be created."""
-    path = os.path.abspath(out)
-    if os.path.isdir(path):
-        raise ValueError(f"--out {out} is a directory; give a CSV file path, e.g. {os.path.join(out, 'predictions.csv')}")
-    parent = os.path.dirname(path)
-    while not os.path.exists(parent) and os.path.dirname(parent) != parent:
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
-
-
 def _write(result, skipped, n_inputs: int, out, failure: str) -> int:
     if result.table.empty:
         print(f"{PROG}: error: none of the {n_inputs} images {failure}:", file=sys.stderr)
         for item in skipped:
             print(f"  {item['image']}: {item['reason']}", file=sys.stderr)
         return 2
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    from data.files import atomic_write
+    from classifiers.predictions import write_predictions
 
-    atomic_write(out, lambda tmp: result.table.to_csv(tmp, index=False))  # never half a CSV
+    write_predictions(result, out)
     print(report(result, skipped, out))
     return 0
 

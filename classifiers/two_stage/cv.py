@@ -42,10 +42,10 @@ __all__ = [
     "TwoStageRunResult",
     "check_grids",
     "check_same_images",
-    "cross_validate",
+    "run_two_stage_cross_validation",
     "cross_validate_two_stage",
     "image_dataset",
-    "make_config",
+    "preset_config",
     "predict_two_stage_images",
     "view_scores",
 ]
@@ -62,7 +62,7 @@ RUNS: tuple[tuple[str, str, bool], ...] = (
     ("patch_sum", "sum", False),
 )
 
-#: Named starting points of :func:`make_config` (``TwoStageConfig`` fields).  ``paper`` is
+#: Named starting points of :func:`preset_config` (``TwoStageConfig`` fields).  ``paper`` is
 #: Nazeri et al.'s setting (512-pixel patches of full-resolution images, 30 + 30 epochs, 16
 #: augmented copies per patch; days per fold on a CPU).  ``cpu`` is the configuration measured
 #: on ``bach-dev`` on 2 CPU cores (README): images scaled by 1/4 (1536 -> 384 pixels), 128-pixel
@@ -81,7 +81,7 @@ _FOLD_FILE = "fold.json"
 _SCORES_FILE = "scores.npz"
 
 
-def make_config(preset: str = "paper", overrides: dict | None = None, *, scheme: str, seed: int) -> TwoStageConfig:
+def preset_config(preset: str = "paper", overrides: dict | None = None, *, scheme: str, seed: int) -> TwoStageConfig:
     """A :class:`TwoStageConfig` from a preset, JSON-style overrides, the scheme and the seed.
 
     Parameters
@@ -489,7 +489,7 @@ def cross_validate_two_stage(table: pd.DataFrame, dataset: CVDataset, folds: np.
     return runs, info
 
 
-def cross_validate(data: pd.DataFrame, config: TwoStageConfig, cv: CVConfig, out_dir, *, tables=None,
+def run_two_stage_cross_validation(data: pd.DataFrame, config: TwoStageConfig, cv: CVConfig, out_dir, *, tables=None,
                    stain_reference: str = "none", keep_checkpoints: bool = False,
                    progress: bool = False) -> TwoStageCVResult:
     """The two-stage CNN, and the deep-feature classifiers when `tables` are given, on shared folds.
@@ -499,7 +499,7 @@ def cross_validate(data: pd.DataFrame, config: TwoStageConfig, cv: CVConfig, out
     data : pandas.DataFrame
         :func:`data.datasets.load_dataset` output.
     config : TwoStageConfig
-        In the scheme ``cv.scheme`` (see :func:`make_config`).
+        In the scheme ``cv.scheme`` (see :func:`preset_config`).
     cv : CVConfig
         Scheme, folds, seed; with `tables`, also the classifiers (``xgboost``, ``logreg``) and
         fusions of :func:`classifiers.evaluation.cross_validation.run_cross_validation`.

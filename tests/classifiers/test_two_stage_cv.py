@@ -19,7 +19,7 @@ import pytest
 
 from classifiers.evaluation.folds import assign_folds
 from classifiers.two_stage.model import TwoStageModel
-from classifiers.two_stage.cv import RUNS, make_config
+from classifiers.two_stage.cv import RUNS, preset_config
 from data.datasets import load_dataset
 from data.synthetic import write_dataset
 from features.store import load_store
@@ -173,13 +173,13 @@ def test_cli_input_combinations(argv, message, tmp_path, capsys):
 
 
 def test_config_presets_and_reserved_fields():
-    cpu = make_config("cpu", {"epochs": 3}, scheme="bmc3", seed=4)
+    cpu = preset_config("cpu", {"epochs": 3}, scheme="bmc3", seed=4)
     assert (cpu.scale, cpu.patch_size, cpu.stride, cpu.epochs, cpu.scheme, cpu.seed) == (0.25, 128, 64, 3, "bmc3", 4)
-    assert make_config("paper", scheme="bach4", seed=0).patch_size == 512
+    assert preset_config("paper", scheme="bach4", seed=0).patch_size == 512
     with pytest.raises(ValueError, match="scheme"):
-        make_config("cpu", {"scheme": "binary"}, scheme="bach4", seed=0)
+        preset_config("cpu", {"scheme": "binary"}, scheme="bach4", seed=0)
     with pytest.raises(ValueError, match="does not know"):
-        make_config("cpu", {"epoch": 3}, scheme="bach4", seed=0)
+        preset_config("cpu", {"epoch": 3}, scheme="bach4", seed=0)
 
 
 # --- the patch-wise network as a feature backend --------------------------------------------------
