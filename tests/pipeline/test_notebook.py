@@ -113,7 +113,7 @@ def test_walkthrough_draws_a_heatmap(executed):
     nb, run = executed
     shown = _text(_cell(nb.cells, "hm = heatmap("))
     # invasive_0 scaled by 0.5 is 128 x 160: 64-pixel windows every 32 pixels make a 3 x 4 grid.
-    assert "3x4 windows; whole image: " in shown and "model vote over 2 augmentations" in shown
+    assert "3x4 windows; whole image: " in shown and "mean of the window probabilities" in shown
     sidecar = json.loads((run / "heatmaps" / "invasive_0.heatmap.json").read_text())
     assert sidecar["image"].endswith("invasive_0.png")
     maps = [np.load(run / "heatmaps" / f"invasive_0.{c}.npy") for c in ("normal", "benign", "insitu", "invasive")]
