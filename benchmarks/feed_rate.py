@@ -53,46 +53,43 @@ def host_rate(rows, config, workers: int) -> dict:
 
 
 def backbone_rate(config, image_hw, batch_size: int, images: int) -> dict:
-    """Images/s of the backbone alone on this device, on one prepared synthetic image."""
+    """Images/s of the extractor's graph alone on this device (colour augmentation, crops,
+    backbone and pooling; ``features.extract.PooledImage``), on one prepared synthetic image.
+    In exact mode a few batches are timed and extrapolated to the image's crops."""
     import numpy as np
 
     from data.synthetic import make_image
-    from features.augment import draw_augmentation, effective_crop_size
-    from features.extract import FeatureExtractor, ImageBatcher, MapBatcher, Preprocessing
+    from features.extract import FeatureExtractor, PooledImage, Preprocessing
+    from features.image_side import image_items
 
     extractor = FeatureExtractor(config, batch_size=batch_size)
     prep = Preprocessing.from_config(config)
     image = make_image("invasive", np.random.default_rng(0), size=tuple(image_hw))
-    h, w = image.shape[:2]
-    side = effective_crop_size(h, w, config.crop_size)
-    if config.mode == "shared":
-        payloads = []
-        for aug in range(config.augmentations):
-            d = draw_augmentation(seed=config.seed, image_id="bench", aug_index=aug, height=h,
-                                  width=w, n_crops=config.crops, crop_size=config.crop_size,
-                                  color=prep.color)
-            payloads.append((prep.color.apply(image, d.gain, d.shift), d.windows))
-        size = min(batch_size, config.augmentations)
-        extractor.pooled_maps(payloads[0][0][None], payloads[0][1][None], config.pooling, size)
-        start = time.perf_counter()
-        for _ in range(images):
-            batcher = MapBatcher(extractor, per_image=config.augmentations, pooling=config.pooling)
-            for augmented, windows in payloads:
-                batcher.add(augmented, windows)
-            batcher.finish()
-        seconds = (time.perf_counter() - start) / images
-    else:
-        # Exact mode: a whole image is augmentations x crops passes; time a few batches.
-        crops = np.random.default_rng(0).integers(0, 256, (batch_size, side, side, 3), np.uint8)
-        extractor.run_batch(crops[:1])
-        batches = 3
-        start = time.perf_counter()
-        batcher = ImageBatcher(extractor)
-        for _ in range(batches):
-            batcher.add(crops)
-        batcher.finish()
-        per_crop = (time.perf_counter() - start) / (batches * batch_size)
-        seconds = per_crop * config.augmentations * config.crops
+    row = type("Row", (), {"image_id": "bench", "path": ""})()
+    items = [i for i in image_items(row, ("image", image, None), config, prep) if i[0] == "aug"]
+    exact = config.mode == "exact"
+    # Exact mode: whole batches of crops (enough augmentations for 3), extrapolated to the
+    # image's crops; a whole image is minutes of CPU at 750 px.
+    per_batch = -(-batch_size // config.crops)  # augmentations filling one batch
+    if exact:
+        items = items[: 3 * per_batch]
+
+    def run(some) -> int:
+        pooled = PooledImage(config, extractor)
+        pooled.set_image(image)
+        for item in some:
+            pooled.add(item[2])
+        if not exact:
+            pooled.finish()
+        return len(some) * config.crops // batch_size * batch_size  # crops run (exact)
+
+    run(items[:per_batch] if exact else items[:1])  # trace and warm up
+    start = time.perf_counter()
+    for _ in range(images):
+        crops_run = run(items)
+    seconds = (time.perf_counter() - start) / images
+    if exact:
+        seconds *= config.augmentations * config.crops / crops_run
     return {"device": extractor.device, "seconds_per_image": seconds,
             "images_per_s": 1.0 / seconds}
 

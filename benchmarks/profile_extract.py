@@ -4,15 +4,15 @@ Runs the library's own functions one stage at a time, serially, on ``--images`` 
 over ``--data`` and prints seconds and % of the per-image total for each stage:
 
 decode (``data.io.read_image``), resize (``features.transforms.scale_image``), Macenko transform
-(``features.extract.Preprocessing``), colour augmentation + cropping (``features.augment``),
-backbone forward (``features.extract.FeatureExtractor``; in shared mode with the crop-window
-and augmentation pooling that run in its graph, ``FeatureExtractor.pooled_maps``), augmentation
-pooling (exact mode, ``features.pooling``), source file hash and store write
-(``features.store``).  One-off costs (backbone build, Macenko
+(``features.extract.Preprocessing``),
+augmentation draws and colour tables (``features.image_side.image_items``), the compiled graph
+that colours, crops, runs the backbone and pools (``features.extract.PooledImage``), source file
+hash and store write (``features.store``).  One-off costs (backbone build, Macenko
 reference fit, graph tracing) are printed apart.
 
-``pipeline.extract`` runs decode to cropping in a producer thread beside the backbone, so its
-time per image lies between the larger of the two sides and their sum; both are printed.
+``pipeline.extract`` runs decode to the augmentation draws beside the backbone (a producer
+thread, or ``--workers`` processes for decode and Macenko), so its time per image lies between
+the larger of the two sides and their sum; both are printed.
 Usage::
 
     python benchmarks/profile_extract.py [--data ../shared/datasets/bach-dev] [--images 4] \\
@@ -66,13 +66,12 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
     import numpy as np
 
     from data.io import read_image
-    from features.augment import augmented_crops, draw_augmentation, effective_crop_size
+    from features.augment import effective_crop_size
     from data.files import file_sha256
-    from features.extract import (FeatureExtractor, ImageBatcher, MapBatcher, Preprocessing,
-                                  write_image_record)
+    from features.extract import FeatureExtractor, PooledImage, Preprocessing, write_image_record
+    from features.image_side import image_items
     from features.stain import fit_stain_reference
     from features.transforms import scale_image
-    from features.pooling import pool_features
     from features.store import FeatureStore
 
     rows = list(frame.itertuples(index=False))
@@ -89,15 +88,16 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
     # Trace the graph on the first image's shape outside the per-image timing.
     first = scale_image(read_image(rows[0].path), config.scale)
     h, w = first.shape[:2]
+    side = effective_crop_size(h, w, config.crop_size)
     with one_off("graph trace + warm-up"):
+        image = extractor.to_device(np.zeros((h, w, 3), np.uint8))
+        luts = np.zeros((1, 256, 3), np.uint8)
         if config.mode == "shared":
-            side = effective_crop_size(h, w, config.crop_size)
-            size = min(batch_size, config.augmentations)  # MapBatcher's padded batch
-            extractor.pooled_maps(np.zeros((1, h, w, 3), np.uint8),
-                                  np.tile([[0, 0, side]], (1, config.crops, 1)), config.pooling, size)
+            size = min(batch_size, config.augmentations)  # PooledImage's padded batch
+            extractor.augmented_pooled(image, luts, np.tile([[0, 0, side]], (1, config.crops, 1)),
+                                       config.pooling, size)
         else:
-            side = effective_crop_size(h, w, config.crop_size)
-            extractor.run_batch(np.zeros((1, side, side, 3), np.uint8))
+            extractor.crop_features(image, luts, np.array([[0, 0, side]]))
 
     notes = []
     wall = time.perf_counter()
@@ -111,36 +111,17 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
             with stage("macenko"):
                 image, note = prep.normalizer.transform_or_keep(image)
         notes.append(note)
-        payloads = []
-        with stage("augment"):
-            for aug in range(config.augmentations):
-                if config.mode == "shared":
-                    draw = draw_augmentation(
-                        seed=config.seed, image_id=row.image_id, aug_index=aug,
-                        height=image.shape[0], width=image.shape[1], n_crops=config.crops,
-                        crop_size=config.crop_size, color=prep.color)
-                    payloads.append((prep.color.apply(image, draw.gain, draw.shift), draw.windows))
-                else:
-                    payloads.append(augmented_crops(
-                        image, seed=config.seed, image_id=row.image_id, aug_index=aug,
-                        n_crops=config.crops, crop_size=config.crop_size, color=prep.color))
-        if config.mode == "shared":
-            # The window and augmentation pooling run in the backbone's graph.
-            with stage("backbone + pooling"):
-                batcher = MapBatcher(extractor, per_image=config.augmentations,
-                                     pooling=config.pooling)
-                for augmented, windows in payloads:
-                    batcher.add(augmented, windows)
-                features = batcher.finish()
-        else:
-            with stage("backbone"):
-                batcher = ImageBatcher(extractor)
-                for crops in payloads:
-                    batcher.add(crops)
-                crop_features = batcher.finish()
-            with stage("augmentation pooling"):
-                per_aug = crop_features.reshape(config.augmentations, config.crops, -1)
-                features = np.stack([pool_features(f, config.pooling) for f in per_aug])
+        with stage("augment"):  # the draws and colour tables (features.image_side.image_items)
+            items = list(image_items(row, ("image", image, note), config, prep))
+        # Colour augmentation, crops and pooling run in the backbone's graph.
+        with stage("backbone"):
+            pooled = PooledImage(config, extractor)
+            for item in items:
+                if item[0] == "image":
+                    pooled.set_image(item[1])
+                elif item[0] == "aug":
+                    pooled.add(item[2])
+            features = pooled.finish()
         with stage("source hash"):
             source_sha256 = file_sha256(row.path)
         with stage("store write"):
@@ -157,9 +138,8 @@ def report(result: dict) -> list[str]:
         "decode": "decode (data.io.read_image)",
         "resize": "resize (extract.scale_image)",
         "macenko": "Macenko transform",
-        "augment": "colour augmentation + crops",
-        "backbone": "backbone forward",
-        "backbone + pooling": "backbone forward + pooling in its graph",
+        "augment": "augmentation draws + colour tables",
+        "backbone": "graph: colour, crops, backbone, pooling",
         "augmentation pooling": "augmentation pooling",
         "source hash": "source sha256",
         "store write": "store write",

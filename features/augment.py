@@ -44,11 +44,17 @@ class ColorAugmentation:
         shift = rng.uniform(-self.shift_range, self.shift_range, size=3)
         return gain, shift
 
-    def apply(self, image: np.ndarray, gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
-        """Apply the transform to an RGB uint8 image through a lookup table per channel."""
+    @staticmethod
+    def lut(gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """The transform as a ``(256, 3)`` uint8 lookup table, one column per channel: what
+        the extractor's graph applies on the device (:func:`apply_luts_graph`)."""
         levels = np.arange(256, dtype=np.float64)[:, None]
         lut = np.clip(np.rint(gain[None, :] * (levels - 128.0) + 128.0 + shift[None, :]), 0, 255)
-        lut = lut.astype(np.uint8)
+        return lut.astype(np.uint8)
+
+    def apply(self, image: np.ndarray, gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
+        """Apply the transform to an RGB uint8 image through a lookup table per channel."""
+        lut = self.lut(gain, shift)
         return np.stack([lut[image[..., c], c] for c in range(3)], axis=-1)
 
 
@@ -74,6 +80,10 @@ class AugmentationDraw:
     shift: np.ndarray
     positions: np.ndarray  # (n_crops, 2) top-left (y, x)
     side: int
+
+    def lut(self) -> np.ndarray:
+        """The colour transform as a ``(256, 3)`` uint8 table (:meth:`ColorAugmentation.lut`)."""
+        return ColorAugmentation.lut(self.gain, self.shift)
 
     @property
     def windows(self) -> np.ndarray:
@@ -125,3 +135,32 @@ def augmented_crops(
         # Colour-transform only the crop: cheaper than the whole image when crops are small.
         crops[i] = color.apply(image[y : y + side, x : x + side], draw.gain, draw.shift)
     return crops
+
+
+def apply_luts_graph(images, luts, per_image: bool):
+    """In-graph colour augmentation by table lookup (:meth:`ColorAugmentation.apply`'s tables).
+
+    ``per_image=False``: one image ``(h, w, 3)`` and ``luts`` ``(b, 256, 3)`` -> its ``b``
+    augmented copies ``(b, h, w, 3)``.  ``per_image=True``: ``images`` ``(b, h, w, 3)``, each
+    through its own table.  Images are uint8 or int32 pixel values; the copies come out as
+    float32 pixel values (what the backbone's preprocessing takes), equal to the host's
+    uint8 copies.  Gathers run on int32 indices and float32 tables: GPU kernels exist for
+    those, not for uint8, which TensorFlow would silently run on the CPU.
+    """
+    import tensorflow as tf
+
+    idx = tf.cast(images, tf.int32)
+    tables = tf.cast(luts, tf.float32)
+    batch_dims = 1 if per_image else 0
+    return tf.stack([tf.gather(tables[:, :, c], idx[..., c], axis=1, batch_dims=batch_dims)
+                     for c in range(3)], axis=-1)
+
+
+def crops_graph(image, positions, side: int):
+    """In-graph crops: ``image`` ``(h, w, 3)``, ``positions`` ``(b, 2)`` int32 top-left
+    ``(y, x)`` -> ``(b, side, side, 3)`` int32 pixel values, ``image[y:y+side, x:x+side]``."""
+    import tensorflow as tf
+
+    span = tf.range(side, dtype=positions.dtype)
+    rows = tf.gather(tf.cast(image, tf.int32), positions[:, :1] + span)  # (b, side, w, 3)
+    return tf.gather(rows, positions[:, 1:] + span, axis=2, batch_dims=1)

@@ -1,12 +1,16 @@
 """Feature extraction: images -> stain normalisation -> colour augmentations -> crops -> CNN.
 
-A background thread reads, scales, normalises and crops images while the main thread runs
-the backbone, through a bounded queue, so decoding overlaps inference and peak memory holds a
-few augmentations' crops whatever the number of images.  Batches have a fixed shape and never
-mix images (the last batch of an image is zero-padded): one compiled graph per crop side, and an
-image's features do not depend on which images were run before it, so a resumed run equals an
-uninterrupted one bit for bit.  :func:`extract_one_image` runs the same steps for one image
-without the thread, for runs where each image is a separate task (``features.distributed``).
+The image side (:mod:`features.image_side`: decode, scale, Macenko, in a background thread or
+``workers`` processes) prepares the next images through a bounded queue while the main thread
+runs the backbone, so peak memory holds a few images whatever their number.  Each prepared
+image goes to the device once; the colour augmentation (a lookup table per augmentation,
+drawn on the host from the seeded generator), the crops and the pooling run in the backbone's
+compiled graph (:class:`PooledImage`), so only one vector per augmentation comes back.
+Batches have a fixed shape and never mix images (the last batch of an image is zero-padded):
+one compiled graph per image shape, and an image's features do not depend on which images
+were run before it, so a resumed run equals an uninterrupted one bit for bit.
+:func:`extract_one_image` runs the same steps for one image without the thread, for runs where
+each image is a separate task (``features.distributed``).
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from tqdm.auto import tqdm
 
 from data.io import read_image  # noqa: F401  (tests reach it as features.extract.read_image)
 from data.files import file_sha256
+from features.augment import effective_crop_size
 from features.backbones import get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.pooling import pool_features
@@ -251,6 +256,8 @@ class FeatureExtractor:
         finally:
             keras.config.set_dtype_policy(previous)
         self.device = describe_device()
+        # Where an image sent once per image lives (to_device); the graphs run there too.
+        self._device = "/GPU:0" if self.device.startswith("GPU") else "/CPU:0"
         log.info("backbone %s runs on %s in %s", config.backbone, self.device, config.precision)
         # One compiled graph per input shape; batches are padded to a fixed size to keep it so.
         # autograph=False: plain tensor code, nothing to convert (and no warning about lambdas).
@@ -319,21 +326,84 @@ class FeatureExtractor:
         padded[:n] = windows
         return np.asarray(self._pooled[key](batch, padded))[:n]
 
-    def _pooled_graph(self, pooling: str | None):
+    def _pooled_graph(self, pooling: str | None, augment: bool = False):
         import tensorflow as tf
 
+        from features.augment import apply_luts_graph
         from features.feature_maps import window_means_graph
         from features.pooling import pool_features_graph
 
         maps, stride = self._map_fn, self.spec.stride
-        if pooling is None:
-            def whole(x):
-                return tf.cast(tf.reduce_mean(tf.cast(maps(x), tf.float64), axis=[1, 2]), tf.float32)
-            return tf.function(whole, autograph=False)
+
+        def whole(x):
+            return tf.cast(tf.reduce_mean(tf.cast(maps(x), tf.float64), axis=[1, 2]), tf.float32)
 
         def windowed(x, windows):
             return pool_features_graph(window_means_graph(maps(x), windows, stride), pooling)
-        return tf.function(windowed, autograph=False)
+
+        if not augment:
+            return tf.function(whole if pooling is None else windowed, autograph=False)
+        if pooling is None:
+            return tf.function(lambda image, luts: whole(apply_luts_graph(image, luts, False)),
+                               autograph=False)
+        return tf.function(lambda image, luts, windows: windowed(
+            apply_luts_graph(image, luts, False), windows), autograph=False)
+
+    def to_device(self, image: np.ndarray):
+        """One uint8 image as a tensor on the backbone's device: sent once, whatever the number
+        of its augmentations and crops (:meth:`augmented_pooled`, :meth:`crop_features`)."""
+        import tensorflow as tf
+
+        _check_uint8(image)
+        with tf.device(self._device):
+            return tf.identity(tf.convert_to_tensor(image))
+
+    def augmented_pooled(self, image, luts: np.ndarray, windows: np.ndarray | None,
+                         pooling: str = "mean", pad_to: int | None = None) -> np.ndarray:
+        """:meth:`pooled_maps` of ``len(luts)`` colour augmentations of one image made in the
+        graph: ``image`` from :meth:`to_device`, ``luts`` ``(n, 256, 3)`` uint8 colour tables
+        (:meth:`features.augment.ColorAugmentation.lut`), ``windows`` ``(n, k, 3)`` or None.
+        Equal bit for bit to :meth:`pooled_maps` of the copies augmented on the host."""
+        n, size = len(luts), pad_to or self.batch_size
+        tables = np.zeros((size, 256, 3), np.uint8)  # all-zero tables: blank padding images
+        tables[:n] = luts
+        key = ("augmented", None if windows is None else pooling)
+        if key not in self._pooled:
+            self._pooled[key] = self._pooled_graph(key[1], augment=True)
+        if windows is None:
+            return np.asarray(self._pooled[key](image, tables))[:n]
+        windows = np.asarray(windows, dtype=np.int32)
+        padded = np.repeat(windows[:1], size, axis=0)
+        padded[:n] = windows
+        return np.asarray(self._pooled[key](image, tables, padded))[:n]
+
+    def crop_features(self, image, luts: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """Exact mode in the graph: up to ``batch_size`` crops of one image, crop ``i`` cut at
+        ``windows[i]`` ``(y, x, side)`` and coloured by ``luts[i]`` -> ``(n, feature_dim)``.
+        Equal bit for bit to :meth:`run_batch` of the same crops made on the host
+        (:func:`features.augment.augmented_crops`); the batch is padded with blank crops."""
+        n, size = len(luts), self.batch_size
+        side = int(windows[0, 2])
+        tables = np.zeros((size, 256, 3), np.uint8)
+        tables[:n] = luts
+        positions = np.zeros((size, 2), np.int32)
+        positions[:n] = np.asarray(windows)[:, :2]
+        key = ("crops", side)
+        if key not in self._pooled:
+            self._pooled[key] = self._crops_graph(side)
+        return np.asarray(self._pooled[key](image, tables, positions))[:n]
+
+    def _crops_graph(self, side: int):
+        import tensorflow as tf
+
+        from features.augment import apply_luts_graph, crops_graph
+
+        maps = self._map_fn
+
+        def forward(image, luts, positions):
+            crops = apply_luts_graph(crops_graph(image, positions, side), luts, per_image=True)
+            return tf.reduce_mean(maps(crops), axis=[1, 2])
+        return tf.function(forward, autograph=False)
 
     def features(self, crops: np.ndarray) -> np.ndarray:
         """``(n, side, side, 3)`` uint8 crops of one image -> ``(n, feature_dim)`` float32."""
@@ -424,30 +494,65 @@ class ExtractionSummary:
 _END = object()
 
 
-class _PooledImage:
-    """Consumer side of one image: batches its crops through the backbone, then pools them
-    into one vector per augmentation."""
+class PooledImage:
+    """Consumer side of one image: sends it to the device once (:meth:`set_image`), then
+    batches its augmentations' colour tables and crop windows (:meth:`add`) through the
+    extractor's graph, which augments, crops or pools on the device; :meth:`finish` gives one
+    vector per augmentation.  Batches never mix images; only an image's last one is padded.
+
+    Parameters
+    ----------
+    config : the extraction config (mode, pooling, augmentations).
+    extractor : a :class:`FeatureExtractor` for it.
+    """
 
     def __init__(self, config: ExtractionConfig, extractor: FeatureExtractor):
-        self.config = config
-        if config.mode == "exact":
-            self.batcher = ImageBatcher(extractor)
-        else:
-            self.batcher = MapBatcher(extractor, per_image=config.augmentations,
-                                      pooling=config.pooling)
+        self.config, self.extractor = config, extractor
+        self.image, self.pending, self.done = None, [], []
+        # Exact mode: batches of crops, across augmentations.  Shared/whole: augmented copies,
+        # padded to the augmentations when fewer than a batch (no backbone pass on blanks).
+        self.size = (extractor.batch_size if config.mode == "exact"
+                     else min(extractor.batch_size, config.augmentations))
+
+    def set_image(self, image: np.ndarray) -> None:
+        """The prepared (scaled, normalised) uint8 image; sent to the device here."""
+        h, w = image.shape[:2]
+        whole = self.config.mode == "whole"
+        self.extractor.check_side(min(h, w) if whole else effective_crop_size(h, w, self.config.crop_size))
+        self.image = self.extractor.to_device(image)
 
     def add(self, payload) -> int:
-        """Add one item's payload; returns the crops (augmented images in whole mode) it held."""
-        if self.config.mode != "exact":
-            self.batcher.add(*payload)
-            return self.config.crops
-        self.batcher.add(payload)
-        return len(payload)
+        """One augmentation ``(lut, windows)`` (``features.image_side.image_items``); returns
+        the crops it holds (augmented images in whole mode)."""
+        lut, windows = payload
+        if self.config.mode == "exact":
+            self.pending.extend((lut, w) for w in windows)
+        else:
+            self.pending.append((lut, windows))
+        while len(self.pending) >= self.size:
+            self._run(self.pending[:self.size])
+            del self.pending[:self.size]
+        return self.config.crops
+
+    def _run(self, items) -> None:
+        luts = np.stack([lut for lut, _ in items])
+        if self.config.mode == "exact":
+            self.done.append(self.extractor.crop_features(self.image, luts,
+                                                            np.stack([w for _, w in items])))
+            return
+        windows = None if self.config.mode == "whole" else np.stack([w for _, w in items])
+        self.done.append(self.extractor.augmented_pooled(self.image, luts, windows,
+                                                         self.config.pooling, self.size))
 
     def finish(self) -> np.ndarray:
+        """``(augmentations, feature_dim)`` float32."""
+        if self.pending:
+            self._run(self.pending)
+            self.pending = []
+        features = np.concatenate(self.done)
         if self.config.mode != "exact":  # pooled on the device already
-            return self.batcher.finish()
-        crop_features = self.batcher.finish().reshape(self.config.augmentations, self.config.crops, -1)
+            return features
+        crop_features = features.reshape(self.config.augmentations, self.config.crops, -1)
         return np.stack([pool_features(f, self.config.pooling) for f in crop_features])
 
 
@@ -482,7 +587,9 @@ def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtrac
         while (item := items.get()) is not _END:
             kind = item[0]
             if kind == "start":
-                row, pooled = item[1], _PooledImage(config, extractor)
+                row, pooled = item[1], PooledImage(config, extractor)
+            elif kind == "image":
+                pooled.set_image(item[1])
             elif kind == "aug":
                 summary.crops += pooled.add(item[2])
             elif kind == "end":
@@ -533,11 +640,13 @@ def extract_one_image(row, config: ExtractionConfig, extractor: FeatureExtractor
     prep : :meth:`Preprocessing.from_config` of ``config``, built here when omitted.
     """
     prep = prep or Preprocessing.from_config(config)
-    pooled, crops = _PooledImage(config, extractor), 0
+    pooled, crops = PooledImage(config, extractor), 0
     for item in image_items(row, prepare_image(row.path, config, prep), config, prep):
         if item[0] == "error":
             return ImageFeatures(None, skip_reason=item[1])
-        if item[0] == "aug":
+        if item[0] == "image":
+            pooled.set_image(item[1])
+        elif item[0] == "aug":
             crops += pooled.add(item[2])
         else:
             return ImageFeatures(pooled.finish(), stain_note=item[1], crops=crops)

@@ -3,10 +3,15 @@
 Decode, scale and Macenko of an image (:func:`prepare_image`) are independent of every other
 image, so with ``workers > 1`` they run in that many worker processes, a bounded number of
 images ahead (:func:`prepared_images`), while the extractor's producer thread turns each
-prepared image into the per-augmentation items the backbone takes (:func:`image_items`).
+prepared image into the per-augmentation items the backbone takes (:func:`image_items`: the
+image once, then a colour table and crop windows per augmentation, which the backbone's graph
+applies on the device).
 Results come back in input order, and the work done per image is the same in every case, so the
-store does not depend on the number of workers.  Worker processes are started with ``spawn``:
-the parent has TensorFlow's threads running, which a ``fork`` would copy in a broken state.
+store does not depend on the number of workers.  Worker processes come from a ``forkserver``
+(``spawn`` where there is none): the parent has TensorFlow's threads running, which a plain
+``fork`` would copy in a broken state, and a ``spawn`` child would import the parent's main
+module (``pipeline.extract`` and the classifiers) again.  The fork server imports this module
+once, and each worker is a fork of it.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.io import ImageReadError, read_image
-from features.augment import ColorAugmentation, augmented_crops, draw_augmentation, effective_crop_size
+from features.augment import ColorAugmentation, draw_augmentation, effective_crop_size
 from features.backbones import get_backbone
 from features.config import ExtractionConfig
 from features.stain import MacenkoNormalizer
@@ -95,7 +100,7 @@ def prepared_images(rows, config: ExtractionConfig, prep: Preprocessing, workers
         return
     pending: deque = deque()
     rows = iter(rows)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context())
     try:
         while True:
             while len(pending) < 2 * workers and (row := next(rows, None)) is not None:
@@ -109,32 +114,37 @@ def prepared_images(rows, config: ExtractionConfig, prep: Preprocessing, workers
         pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _worker_context():
+    if "forkserver" not in multiprocessing.get_all_start_methods():  # Windows
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])  # workers start with this module imported
+    return context
+
+
 def image_items(row, prepared: tuple, config: ExtractionConfig, prep: Preprocessing):
-    """One image's work for the backbone: ``('aug', i, payload)`` items then ``('end', note)``,
-    or a single ``('error', reason)`` (``prepared`` is :func:`prepare_image`'s result).
-    In exact mode the payloads are an augmentation's crops in arrays of ``batch_size`` at most,
-    so memory does not grow with the number of crops."""
+    """One image's work for the backbone: ``('image', image)``, then per augmentation
+    ``('aug', i, (lut, windows))`` and finally ``('end', note)``; or a single
+    ``('error', reason)`` (``prepared`` is :func:`prepare_image`'s result).
+
+    The image goes to the device once; each augmentation is its colour table
+    (:meth:`AugmentationDraw.lut`, 768 bytes) and its crop windows ``(y, x, side)`` (``None``
+    in whole mode), all drawn here from the seeded generator of (seed, image, augmentation).
+    The extractor's graph applies the table and cuts or pools the windows.
+    """
     if prepared[0] == "error":
         yield prepared
         return
     _, image, note = prepared
-    color = prep.color
+    yield ("image", image)
     for aug in range(config.augmentations):
-        if config.mode in ("shared", "whole"):
-            # Same colour draws in every mode; "whole" draws no crop windows.
-            draw = draw_augmentation(
-                seed=config.seed, image_id=row.image_id, aug_index=aug, height=image.shape[0],
-                width=image.shape[1], n_crops=config.crops if config.mode == "shared" else 0,
-                crop_size=config.crop_size, color=color,
-            )
-            windows = draw.windows if config.mode == "shared" else None
-            yield ("aug", aug, (color.apply(image, draw.gain, draw.shift), windows))
-            continue
-        for start in range(0, config.crops, config.batch_size):
-            yield ("aug", aug, augmented_crops(
-                image, seed=config.seed, image_id=row.image_id, aug_index=aug, n_crops=config.crops,
-                crop_size=config.crop_size, color=color, start=start, stop=start + config.batch_size,
-            ))
+        # Same colour draws in every mode; "whole" draws no crop windows.
+        draw = draw_augmentation(
+            seed=config.seed, image_id=row.image_id, aug_index=aug, height=image.shape[0],
+            width=image.shape[1], n_crops=0 if config.mode == "whole" else config.crops,
+            crop_size=config.crop_size, color=prep.color,
+        )
+        yield ("aug", aug, (draw.lut(), None if config.mode == "whole" else draw.windows))
     yield ("end", note)
 
 

@@ -101,21 +101,34 @@ def test_late_errors_leave_no_store_directory(tiny_dir, tmp_path, capsys, extra,
 # -- item 20: crops stream in batches, whatever --crops ------------------------------------
 
 
-def test_crops_stream_in_batches(tiny_dataset):
-    config = ExtractionConfig(weights="none", stain=None, augmentations=2, crops=7, crop_size=32, scale=1.0,
-                              batch_size=3)
+def test_crops_stream_in_batches(tiny_dataset, monkeypatch):
+    # The image goes to the device once; crops are cut there a batch at a time, so memory does
+    # not grow with --crops.  The crops are those of features.augment.augmented_crops.
+    from features.augment import ColorAugmentation, augmented_crops
     from features.image_side import iter_host_items
 
-    items = list(iter_host_items([tiny_dataset.iloc[0]], config))
-    sizes = [len(payload) for kind, _, payload in (i for i in items if i[0] == "aug")]
-    assert sizes == [3, 3, 1, 3, 3, 1]
-    from features.augment import ColorAugmentation, augmented_crops
+    config = ExtractionConfig(weights="none", stain=None, augmentations=2, crops=7, crop_size=32, scale=1.0,
+                              batch_size=3)
+    row = tiny_dataset.iloc[0]
+    items = list(iter_host_items([row], config))
+    assert [i[0] for i in items] == ["start", "image", "aug", "aug", "end"]
+    assert [p[1].shape for kind, _, p in (i for i in items if i[0] == "aug")] == [(7, 3), (7, 3)]
+    extractor = extract_mod.FeatureExtractor(config)
+    sizes, real = [], extractor.crop_features
 
-    whole = augmented_crops(read_image(tiny_dataset.iloc[0].path), seed=0,
-                            image_id=tiny_dataset.iloc[0].image_id, aug_index=1, n_crops=7, crop_size=32,
-                            color=ColorAugmentation(config.color_gain, config.color_shift))
-    streamed = np.concatenate([p for kind, aug, p in (i for i in items if i[0] == "aug") if aug == 1])
-    np.testing.assert_array_equal(streamed, whole)
+    def spy(image, luts, windows):
+        sizes.append(len(luts))
+        return real(image, luts, windows)
+
+    monkeypatch.setattr(extractor, "crop_features", spy)
+    result = extract_mod.extract_one_image(row, config, extractor)
+    assert sizes == [3, 3, 3, 3, 2] and result.crops == 14
+    host = [extractor.run_batch(c) for c in
+            np.array_split(augmented_crops(read_image(row.path), seed=0, image_id=row.image_id, aug_index=1,
+                                           n_crops=7, crop_size=32,
+                                           color=ColorAugmentation(config.color_gain, config.color_shift)), 3)]
+    crop_features = np.concatenate(host)
+    np.testing.assert_allclose(result.features[1], crop_features.mean(0), rtol=1e-6)
 
 
 # -- item 11: a non-UTF-8 file name is skipped by name, not fatal ----------------------------

@@ -100,3 +100,31 @@ def test_pooling_in_the_graph_equals_pooling_on_the_host(extractor, pooling):
     np.testing.assert_array_equal(extractor.pooled_maps(images[:1], windows[:1], pooling), device[:1])
     whole = extractor.pooled_maps(images, None)
     np.testing.assert_allclose(whole, maps.mean(axis=(1, 2), dtype=np.float64), rtol=1e-6, atol=1e-7)
+
+
+def test_augmentation_in_the_graph_equals_the_hosts(extractor):
+    # The image goes to the device once; colour tables and crop windows are drawn on the host
+    # from the same seeded generators: the features equal the host-augmented ones bit for bit.
+    from features.augment import ColorAugmentation, augmented_crops, draw_augmentation
+
+    image = np.random.default_rng(4).integers(0, 256, (100, 140, 3), dtype=np.uint8)
+    color = ColorAugmentation()
+    draws = [draw_augmentation(seed=0, image_id="x", aug_index=a, height=100, width=140, n_crops=3,
+                               crop_size=64, color=color) for a in range(2)]
+    assert draws[1].lut().shape == (256, 3) and draws[1].lut().dtype == np.uint8
+    on_device = extractor.to_device(image)
+    luts, windows = np.stack([d.lut() for d in draws]), np.stack([d.windows for d in draws])
+    copies = np.stack([color.apply(image, d.gain, d.shift) for d in draws])
+    for pooling in ("mean", "pnorm3"):
+        np.testing.assert_array_equal(extractor.augmented_pooled(on_device, luts, windows, pooling),
+                                      extractor.pooled_maps(copies, windows, pooling))
+    np.testing.assert_array_equal(extractor.augmented_pooled(on_device, luts, None),
+                                  extractor.pooled_maps(copies, None))
+    crops = augmented_crops(image, seed=0, image_id="x", aug_index=1, n_crops=3, crop_size=64,
+                            color=color)
+    device = extractor.crop_features(on_device, luts[[1, 1]], draws[1].windows[:2])
+    assert device.shape == (2, 1280)
+    np.testing.assert_array_equal(device, extractor.run_batch(crops[:2]))
+    # A padded batch (one crop of two) gives that crop's features.
+    np.testing.assert_array_equal(extractor.crop_features(on_device, luts[[1]], draws[1].windows[2:]),
+                                  extractor.run_batch(crops[2:]))
