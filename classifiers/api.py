@@ -100,13 +100,13 @@ def predict_images(model, inputs, **options):
 
 def heatmap(model, image, out=None, *, window: int | None = None, step: int | None = None,
             classes: Sequence[str] | None = None, **options):
-    """The :class:`~classifiers.heatmap.Heatmap` of one image file (``pipeline.heatmap``).
+    """The :class:`~classifiers.heatmaps.Heatmap` of one image file (``pipeline.heatmap``).
 
     ``out``: also write ``<stem>.<class>.npy``, ``<stem>.heatmap.json`` and the overlay
     ``<stem>.heatmap.png`` there.  ``options`` as :func:`classifiers.model_heatmaps.open_heatmaps`
     takes them (``exact``, ``whole_image``, ``weights``, ``batch_size``).
     """
-    from classifiers.heatmap import render_overlay, save_heatmap
+    from classifiers.heatmaps import render_overlay, save_heatmap
     from classifiers.model_heatmaps import open_heatmaps
     from data.io import read_image
 

@@ -32,7 +32,7 @@ class FeatureModelHeatmaps:
 
     def __init__(self, model, *, window=None, step=None, exact=False, whole_image="model",
                  weights=None, batch_size=8):
-        from classifiers.heatmap import FeatureSource
+        from classifiers.heatmaps import FeatureSource
         from classifiers.feature.predict import reproducible_configs
         from features.extract import FeatureExtractor
 
@@ -60,7 +60,7 @@ class FeatureModelHeatmaps:
             self.whole[row["image"]] = row
 
     def __call__(self, path: str, raw):
-        from classifiers.heatmap import feature_heatmap
+        from classifiers.heatmaps import feature_heatmap
         from features.transforms import scale_image
 
         heatmap = feature_heatmap(raw, self.sources, self.model.fitted, window=self.window, step=self.step,
@@ -89,7 +89,7 @@ class PatchCNNHeatmaps:
         pass
 
     def __call__(self, path: str, raw):
-        from classifiers.heatmap import sliding_window_heatmap
+        from classifiers.heatmaps import sliding_window_heatmap
         from features.transforms import scale_image
 
         image = scale_image(raw, self.model.config.scale)
@@ -119,7 +119,7 @@ class TwoStageHeatmaps:
                                for i in range(0, len(crops), b)])
 
     def __call__(self, path: str, raw):
-        from classifiers.heatmap import sliding_window_heatmap
+        from classifiers.heatmaps import sliding_window_heatmap
         from classifiers.two_stage.model import TwoStageInputError
         from features.transforms import scale_image
 

@@ -80,7 +80,7 @@ def main(argv=None) -> int:
 
 def heatmaps(args) -> int:
     """Every readable image's maps, sidecar and overlay; prints one line per image."""
-    from classifiers.heatmap import render_overlay, save_heatmap
+    from classifiers.heatmaps import render_overlay, save_heatmap
     from classifiers.model_heatmaps import open_heatmaps, read_heatmap_inputs
 
     maker = open_heatmaps(args.model, window=args.window, step=args.step, exact=args.exact,

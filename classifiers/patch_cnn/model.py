@@ -361,7 +361,7 @@ class PatchCNN:
         import time
 
         from classifiers.evaluation.voting import vote
-        from classifiers.heatmap import window_crops, window_grid
+        from classifiers.heatmaps import window_crops, window_grid
         from classifiers.predictions import PredictionResult, predictions_table
         from data.io import ImageReadError, read_image
         from features.extract import describe_device

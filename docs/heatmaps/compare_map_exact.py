@@ -5,7 +5,7 @@
     python docs/heatmaps/compare_map_exact.py MODEL_DIR WINDOW:STEP [WINDOW:STEP ...]
 
 For 8 bach-dev images (2 per class), every window of the grid gets its feature both ways
-(``classifiers.heatmap.pooled_window_features`` / ``exact_window_features``, same scaled and
+(``classifiers.heatmaps.pooled_window_features`` / ``exact_window_features``, same scaled and
 stain-normalised image); prints the cosine similarity of the features, the mean absolute
 difference of the model's class probabilities, how often the top class agrees, the per-image
 correlation of the probabilities, and the time of each path.
@@ -18,7 +18,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-from classifiers.heatmap import FeatureSource, exact_window_features, pooled_window_features, window_grid  # noqa: E402
+from classifiers.heatmaps import FeatureSource, exact_window_features, pooled_window_features, window_grid  # noqa: E402
 from classifiers.feature.model_io import load_model  # noqa: E402
 from classifiers.feature.predict import reproducible_configs  # noqa: E402
 from data.io import read_image  # noqa: E402

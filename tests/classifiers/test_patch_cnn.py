@@ -18,7 +18,7 @@ from classifiers.patch_cnn.annotations import (
     synthetic_annotated_image,
     write_synthetic_annotated,
 )
-from classifiers.heatmap import sliding_window_heatmap
+from classifiers.heatmaps import sliding_window_heatmap
 from classifiers.patch_cnn.model import (
     PatchCNN,
     PatchCNNConfig,

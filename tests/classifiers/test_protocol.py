@@ -28,3 +28,19 @@ def test_a_damaged_model_json_is_left_to_the_feature_loader_to_explain(tmp_path)
     assert model_kind(tmp_path) == "features"
     with pytest.raises(ValueError, match="not valid JSON"):
         load_model(tmp_path)
+
+
+@pytest.mark.parametrize("package", ["data", "features", "classifiers"])
+def test_public_names_are_not_shadowed_by_submodules(package):
+    """Importing every submodule (as any user code may) leaves each public name what __all__ says."""
+    import importlib
+    import pkgutil
+    import types
+
+    module = importlib.import_module(package)
+    before = {name: getattr(module, name) for name in module.__all__}
+    for info in pkgutil.walk_packages(module.__path__, prefix=f"{package}."):
+        importlib.import_module(info.name)
+    after = {name: getattr(module, name) for name in module.__all__}
+    assert after == before
+    assert not [name for name, value in after.items() if isinstance(value, types.ModuleType)]

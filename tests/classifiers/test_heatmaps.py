@@ -8,7 +8,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np
 import pytest
 
-from classifiers.heatmap import (
+from classifiers.heatmaps import (
     FeatureSource,
     Heatmap,
     axis_starts,
