@@ -49,3 +49,10 @@ def test_the_checker_finds_late_and_relative_imports(tmp_path):
     source.write_text("def f():\n    from classifiers.heatmap import _x\nfrom .io import read_image\nimport pipeline.train\n")
     assert sorted((m, n) for m, n, _ in _imports(source, "data")) == [
         ("classifiers.heatmap", ("_x",)), ("data", ("read_image",)), ("pipeline.train", ())]
+
+
+def test_no_cli_defines_a_class():
+    """pipeline/ modules parse, call the library and print: models, adapters and configs live below."""
+    found = [f"{path.relative_to(ROOT)}:{node.lineno} class {node.name}" for path in _modules("pipeline")
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.ClassDef)]
+    assert found == []
