@@ -10,7 +10,7 @@ The Python API (:mod:`classifiers.api`)::
     table = predict_images(load_model("runs/model"), ["new/a.png"]).table
     hm = heatmap(model, "new/a.png", out="runs/heatmaps")
 
-Every model kind (:class:`FeatureModel`, ``TwoStageModel``, ``PatchCNN``) implements
+Every model kind (:class:`FeatureModel`, :class:`TwoStageModel`, :class:`PatchCNN`) implements
 :class:`Model`; :func:`load_model` reads any model directory.
 """
 
@@ -39,12 +39,18 @@ from classifiers.feature.estimators import (
 from classifiers.evaluation.voting import VoteResult, vote
 from classifiers.feature.model import FeatureModel
 from classifiers.feature.model_io import TrainConfig
+from classifiers.patch_cnn.model import PatchCNN, PatchCNNConfig
 from classifiers.predictions import PredictionResult, predictions_table
+from classifiers.two_stage.model import TwoStageConfig, TwoStageModel
 from classifiers.protocol import Model, load_model
 from classifiers.api import cross_validate, heatmap, load_features, predict_images, train, write_report
 
 __all__ = [
     "FeatureModel",
+    "PatchCNN",
+    "PatchCNNConfig",
+    "TwoStageConfig",
+    "TwoStageModel",
     "GroupedFolds",
     "Model",
     "PredictionResult",
