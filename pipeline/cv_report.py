@@ -265,13 +265,10 @@ def _two_stage(args, config: CVConfig, tables):
 
     data = load_data(args, scheme=config.scheme)
     scheme = resolve_scheme(config.scheme, data["label"])
-    if not scheme.builtin:
-        raise InputDataError(f"the two-stage CNN predicts a built-in scheme (bach4, bmc3, binary, breakhis2, "
-                             f"breakhis8); --labels gives {scheme.describe()}: use the feature classifiers")
-    config = replace(config, scheme=scheme.name)
     try:
         two_stage = two_stage_cv.preset_config(args.two_stage_preset, two_stage_overrides(args.two_stage_config),
-                                             scheme=config.scheme, seed=config.seed)
+                                               scheme=scheme.name if scheme.builtin else scheme.to_dict(),
+                                               seed=config.seed)
     except (ValueError, TypeError) as exc:  # bad JSON, unknown or invalid fields
         raise InputDataError(f"--two-stage-config: {exc}") from None
     logger.info("two-stage CNN config: %s", json.dumps({k: v for k, v in two_stage.to_dict().items()

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from classifiers.two_stage.model import METHODS, TwoStageConfig
-from data.labels import SCHEMES
-from pipeline._common import add_data_options, add_training_options, load_data, run, training_config
+from pipeline._common import (LABELS_HELP, add_data_options, add_training_options, labels_spec, load_data, run,
+                              training_config)
 
 log = logging.getLogger("pipeline.two_stage")
 
@@ -35,9 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="folder of class folders, CSV manifest path,label[,group], "
                    "the BreakHis folder or BACH as distributed (docs/data-sets.md)")
     t.add_argument("--out", required=True, type=Path, help="model directory")
-    t.add_argument("--scheme", default="auto", choices=("auto", *sorted(SCHEMES)),
-                   help="label scheme (a built-in one: the networks have one output per class); auto: bach4 "
-                   "for BACH's classes, breakhis2 (benign/malignant) for BreakHis")
+    t.add_argument("--scheme", "--labels", dest="scheme", default="auto", type=labels_spec,
+                   metavar="SCHEME_OR_MAPPING", help=LABELS_HELP + "; the networks have one output per class")
     add_data_options(t)
     t.add_argument("--patch-size", type=int, default=d.patch_size, help="patch side k (multiple of 32)")
     t.add_argument("--stride", type=int, default=d.stride, help="patch stride for the patch-wise network")
@@ -80,10 +79,7 @@ def train(args) -> int:
 
     dataset = load_data(args, scheme=args.scheme)
     scheme = resolve_scheme(args.scheme, dataset["label"])
-    if not scheme.builtin:
-        raise ValueError(f"the two-stage CNN predicts a built-in scheme ({', '.join(SCHEMES)}); the labels of "
-                         f"{args.data} are {', '.join(scheme.classes)}: use the deep-feature pipeline for them")
-    args.scheme = scheme.name
+    args.scheme = scheme.name if scheme.builtin else scheme.to_dict()
     stain = None
     if args.stain_reference.lower() != "none":
         from features.stain import fit_stain_reference
@@ -98,7 +94,7 @@ def train(args) -> int:
         image_copies=args.image_copies, color_jitter=args.color_jitter,
         patience=args.patience, cache_mb=args.cache_mb, stain=stain,
     )
-    log.info("training on %d images (%s) into %s", len(dataset), args.scheme, args.out)
+    log.info("training on %d images (%s: %s) into %s", len(dataset), scheme.name, ", ".join(scheme.classes), args.out)
     model = TwoStageModel(config)
     model.fit(dataset, checkpoint_dir=args.out / "checkpoints", progress=not args.quiet)
     model.save(args.out)

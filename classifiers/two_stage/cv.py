@@ -90,7 +90,8 @@ def preset_config(preset: str = "paper", overrides: dict | None = None, *, schem
     overrides : dict, optional
         Any ``TwoStageConfig`` fields except ``scheme``, ``seed`` and ``stain``, which come from
         the report's ``--labels``, ``--seed`` and ``--two-stage-stain``.
-    scheme : str
+    scheme : str or dict
+        A built-in scheme name or a :meth:`data.mapping.LabelScheme.to_dict` record.
     seed : int
 
     Raises
@@ -451,8 +452,9 @@ def cross_validate_two_stage(table: pd.DataFrame, dataset: CVDataset, folds: np.
     info : dict
         Config, per-fold records (timings, epochs, validation accuracies), total seconds.
     """
-    if config.scheme != dataset.scheme:
-        raise ValueError(f"two-stage config is in scheme {config.scheme!r}, the report in {dataset.scheme!r}")
+    if config.label_scheme.classes != tuple(dataset.label_scheme.classes):
+        raise ValueError(f"two-stage config is in scheme {config.label_scheme.name!r} "
+                         f"({', '.join(config.label_scheme.classes)}), the report in {dataset.scheme!r}")
     start = time.perf_counter()
     out_dir = Path(out_dir)
     table = table.set_index("image_id").loc[dataset.images["image_id"]].reset_index()
@@ -473,9 +475,7 @@ def cross_validate_two_stage(table: pd.DataFrame, dataset: CVDataset, folds: np.
             collected.setdefault(m, np.zeros((len(folds),) + s.shape[1:]))[test] = s
         records.append({key: v for key, v in record.items() if key != "fingerprint"}
                        | {"stain_reference": None if fold_config.stain is None else fold_config.stain["reference"]})
-    from data.labels import class_names
-
-    model_classes = class_names(config.scheme)
+    model_classes = config.label_scheme.classes
     collected = {m: _present(s, model_classes, dataset.classes) for m, s in collected.items()}
     runs = [_run_result(dataset, folds, name, method, ensemble, collected) for name, method, ensemble in RUNS]
     info = {

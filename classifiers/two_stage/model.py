@@ -27,7 +27,7 @@ from classifiers.two_stage.grid import (
 )
 from data.files import atomic_write, atomic_write_text
 from data.io import ImageReadError, read_image
-from data.labels import SCHEMES, class_names, encode
+from data.labels import SCHEMES
 
 log = logging.getLogger(__name__)
 
@@ -61,8 +61,10 @@ class TwoStageConfig:
 
     Parameters
     ----------
-    scheme : {'bach4', 'bmc3', 'binary'}
-        Label scheme; the networks have one output per class of the scheme.
+    scheme : str or dict
+        Label scheme; the networks have one output per class of the scheme.  A built-in name
+        (:data:`data.labels.SCHEMES`) or any scheme as :meth:`data.mapping.LabelScheme.to_dict`
+        (the classes as found, a mapping file's classes).
     patch_size : int
         Patch side ``k`` in pixels after scaling; a multiple of 32 (the patch-wise network
         divides it by 8, the image-wise network by 4 more).
@@ -116,7 +118,7 @@ class TwoStageConfig:
         Root of every random draw (weights, split, augmentation, order).
     """
 
-    scheme: str = "bach4"
+    scheme: str | dict = field(default="bach4", hash=False)
     patch_size: int = 512
     stride: int = 256
     scale: float = 1.0
@@ -147,7 +149,9 @@ class TwoStageConfig:
     def __post_init__(self):
         object.__setattr__(self, "dense_units", tuple(int(u) for u in self.dense_units))
         checks = [
-            (self.scheme in SCHEMES, f"scheme must be one of {', '.join(SCHEMES)}"),
+            (self.scheme in SCHEMES if isinstance(self.scheme, str) else
+             isinstance(self.scheme, dict) and len(self.scheme.get("classes", ())) >= 2,
+             f"scheme must be one of {', '.join(SCHEMES)} or a label scheme record with two classes or more"),
             (self.patch_size >= 32 and self.patch_size % 32 == 0, "patch_size must be a multiple of 32"),
             (self.stride >= 1, "stride must be >= 1"),
             (0 < self.scale <= 4, "scale must be in (0, 4]"),
@@ -167,6 +171,13 @@ class TwoStageConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid two-stage config: {message}")
+
+    @property
+    def label_scheme(self):
+        """The :class:`data.mapping.LabelScheme` of :attr:`scheme`."""
+        from data.mapping import LabelScheme
+
+        return LabelScheme.from_dict(self.scheme)
 
     @property
     def map_size(self) -> int:
@@ -447,7 +458,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
 
         cfg = self.cfg
         keras.utils.set_random_seed(cfg.seed)
-        self.classes_ = np.array(class_names(cfg.scheme))
+        self.classes_ = np.array(cfg.label_scheme.classes)
         self.grid_ = (min(grid), max(grid))
         self.patch_net_ = build_patch_network(cfg, len(self.classes_))
         self.image_net_ = build_image_network(cfg, int(np.prod(grid)), len(self.classes_))
@@ -487,7 +498,8 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         cfg = self.cfg
         if not isinstance(X, pd.DataFrame):
             raise TypeError("fit expects a dataset table with a 'path' column (data.datasets.load_dataset)")
-        labels = encode(X["label"] if y is None else y, cfg.scheme)
+        mapped = cfg.label_scheme.map(np.asarray(X["label"] if y is None else y, dtype=str))
+        labels = np.array([list(cfg.label_scheme.classes).index(c) for c in mapped], dtype=np.int64)
         names = [n for n, _ in self._inputs(X)]
         groups = X["group"].to_numpy() if "group" in X.columns else np.asarray(names)
         images = training.ImageCache(X["path"].tolist(), self.load_image, cfg.cache_mb)
@@ -840,12 +852,10 @@ def predict_table(model: TwoStageModel, images: pd.DataFrame, methods: Sequence[
         ``{"path", "reason"}`` of unreadable images, too small ones, or images whose grid the
         image-wise network cannot take.
     """
-    from data.labels import map_labels
-
     labels = images["label"].to_numpy(dtype=object).copy()
     known = labels != ""
     if known.any():
-        labels[known] = map_labels(labels[known], model.cfg.scheme)
+        labels[known] = model.cfg.label_scheme.map(labels[known].astype(str))
     rows, skipped = [], []
     for path, label in zip(images["path"], labels):
         try:

@@ -133,14 +133,26 @@ def test_own_classes_and_mapping_file_end_to_end(tmp_path, capsys):
     assert "bad.json' leaves label(s) of the store(s) unmapped: 'grade2' (3 images)" in err
 
 
-def test_two_stage_train_takes_builtin_schemes_only(tmp_path, capsys):
+def test_two_stage_trains_and_predicts_any_classes(tmp_path, capsys):
     import numpy as np
 
     from data.io import write_image
+    from data.synthetic import make_image
     from pipeline import two_stage as two_stage_cli
 
-    for k, grade in enumerate(("grade1", "grade2")):
-        write_image(tmp_path / "d" / grade / "a.png", np.full((40, 40, 3), 10 + k, np.uint8))
-    assert two_stage_cli.main(["train", "--data", str(tmp_path / "d"), "--out", str(tmp_path / "m")]) == 2
-    assert "the two-stage CNN predicts a built-in scheme" in capsys.readouterr().err
-    assert not (tmp_path / "m").exists()
+    data = tmp_path / "grades"
+    for k, (grade, tissue) in enumerate({"grade1": "normal", "grade2": "insitu", "grade3": "invasive"}.items()):
+        for i in range(2):
+            write_image(data / grade / f"{i}.png", make_image(tissue, np.random.default_rng([5, k, i]), (64, 96)))
+    model = tmp_path / "model"
+    assert two_stage_cli.main(["train", "--data", str(data), "--out", str(model), "--patch-size", "64",
+                               "--stride", "32", "--width", "2", "--image-width", "4", "--epochs", "1",
+                               "--image-epochs", "1", "--batch-size", "16", "--patch-copies", "1",
+                               "--image-copies", "1", "--val-fraction", "0", "--quiet"]) == 0
+    record = json.loads((model / "config.json").read_text())
+    assert record["classes"] == ["grade1", "grade2", "grade3"]
+    csv = tmp_path / "p.csv"
+    assert predict_cli.main(["--model", str(model), str(data / "grade2"), "--out", str(csv), "--quiet"]) == 0
+    table = pd.read_csv(csv)
+    assert len(table) == 2 and table["prediction"].isin(["grade1", "grade2", "grade3"]).all()
+    assert {"proba_grade1", "proba_grade2", "proba_grade3"} <= set(table.columns)
