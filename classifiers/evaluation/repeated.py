@@ -90,8 +90,12 @@ def ensemble_table(results: list) -> pd.DataFrame:
     the per-fold accuracies over all folds of all seeds); ``auc_carcinoma_mean`` and
     ``auc_carcinoma_sd_seeds`` (the AUC of the positive class of the scheme's first two-class
     grouping: carcinoma for BACH, malignant for BreakHis; ``auc_<class>`` names it for other
-    schemes).  Sorted by the run's own-scheme accuracy, best first.
+    schemes); with patient groups (fewer groups than images), ``patient_level_mean`` and
+    ``patient_level_sd_seeds``: the patient-level accuracy of Spanhol et al. (2016) in the run's
+    scheme.  Sorted by the run's own-scheme accuracy, best first.
     """
+    from classifiers.evaluation.patients import patient_accuracy
+
     if not results:
         raise ValueError("no results to tabulate")
     dataset = results[0].dataset
@@ -109,6 +113,11 @@ def ensemble_table(results: list) -> pd.DataFrame:
             row[f"{target}_mean"] = float(np.mean(overall))
             row[f"{target}_sd_seeds"] = float(np.std(overall, ddof=1)) if len(overall) > 1 else float("nan")
             row[f"{target}_sd_folds"] = float(np.std(np.concatenate(folds), ddof=1))
+        if dataset.images["group"].nunique() < len(dataset.images):
+            scores = [patient_accuracy(r.predictions["truth"], r.predictions["prediction"], r.predictions["group"])
+                      for r in per_seed]
+            row["patient_level_mean"] = float(np.mean(scores))
+            row["patient_level_sd_seeds"] = float(np.std(scores, ddof=1)) if len(scores) > 1 else float("nan")
         aucs = [_positive_auc(r.predictions, dataset) for r in per_seed]
         row[f"{auc_name}_mean"] = float(np.mean(aucs))
         row[f"{auc_name}_sd_seeds"] = float(np.std(aucs, ddof=1)) if len(aucs) > 1 else float("nan")
@@ -118,9 +127,11 @@ def ensemble_table(results: list) -> pd.DataFrame:
 
 def ensemble_markdown(table: pd.DataFrame) -> str:
     """The table as Markdown, each accuracy as ``mean ± sd(seeds) [sd(folds)]``, in percent."""
-    schemes = [c[: -len("_mean")] for c in table.columns if c.endswith("_mean") and not c.startswith("auc")]
+    schemes = [c[: -len("_mean")] for c in table.columns
+               if c.endswith("_mean") and not c.startswith(("auc", "patient_level"))]
     auc = next(c[: -len("_mean")] for c in table.columns if c.startswith("auc_") and c.endswith("_mean"))
-    header = ["run", "stores", *schemes, "AUC " + auc[len("auc_"):]]
+    patients = "patient_level_mean" in table.columns
+    header = ["run", "stores", *schemes, *(["patient-level"] if patients else []), "AUC " + auc[len("auc_"):]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for _, r in table.iterrows():
         stores = r["stores"].split("+")  # a fusion's full list is in ensemble.csv
@@ -128,6 +139,8 @@ def ensemble_markdown(table: pd.DataFrame) -> str:
         for s in schemes:
             cells.append(f"{100 * r[f'{s}_mean']:.1f} ± {100 * r[f'{s}_sd_seeds']:.1f} "
                          f"[{100 * r[f'{s}_sd_folds']:.1f}]")
+        if patients:
+            cells.append(f"{100 * r['patient_level_mean']:.1f} ± {100 * r['patient_level_sd_seeds']:.1f}")
         cells.append(f"{r[f'{auc}_mean']:.3f} ± {r[f'{auc}_sd_seeds']:.3f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

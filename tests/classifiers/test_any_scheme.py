@@ -128,3 +128,20 @@ def test_ensemble_table_reads_any_scheme_through_its_groupings(tmp_path):
         np.mean([float((p["truth"] == p["prediction"]).mean()) for p in per_seed]))
     assert "auc_high_mean" in table.columns  # the positive class of the two-class grouping
     assert "| run | stores | classes | grades | AUC high |" in ensemble_markdown(table)
+
+
+def test_ensemble_table_adds_patient_level_accuracy_with_patient_groups():
+    from classifiers.evaluation.repeated import ensemble_markdown, ensemble_table, run_repeated_cv
+
+    table = synthetic_table((12, 12), classes=("benign", "malignant"), patients=lambda i: f"p{i // 4}", seed=4,
+                            signal=0.8)
+    dataset = build_dataset([table])
+    results = run_repeated_cv(dataset, CVConfig(n_folds=3, classifiers=("logreg",), **THREADS), [0, 1])
+    scores = [patient_accuracy(r.runs[0].predictions["truth"], r.runs[0].predictions["prediction"],
+                               r.runs[0].predictions["group"]) for r in results]
+    row = ensemble_table(results).iloc[0]
+    assert row["patient_level_mean"] == pytest.approx(np.mean(scores))
+    assert row["patient_level_sd_seeds"] == pytest.approx(np.std(scores, ddof=1))
+    markdown = ensemble_markdown(ensemble_table(results))
+    assert "| run | stores | breakhis2 | patient-level | AUC malignant |" in markdown
+    assert f"{100 * np.mean(scores):.1f} ± {100 * np.std(scores, ddof=1):.1f}" in markdown
