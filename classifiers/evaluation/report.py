@@ -253,6 +253,8 @@ def _summary_table(summary: dict) -> pd.DataFrame:
                 "fold_sd": r["majority"]["fold_accuracy_sd"],
                 "accuracy_mean_proba": r["mean_proba"]["accuracy"],
                 "balanced_accuracy": r["majority"]["balanced_accuracy"],
+                # Spanhol et al.'s patient-level accuracy (each image its own patient without groups).
+                "patient_accuracy": r["majority"].get("patient_accuracy"),
                 "accuracy_ci_low": r["ci95"]["accuracy_majority"][0],
                 "accuracy_ci_high": r["ci95"]["accuracy_majority"][1],
                 "macro_auc": r["roc_auc"]["macro"],
