@@ -122,6 +122,12 @@ def test_own_classes_and_mapping_file_end_to_end(tmp_path, capsys):
     csv = tmp_path / "p.csv"
     assert predict_cli.main(["--model", str(model), str(data / "grade1"), "--out", str(csv), "--quiet"]) == 0
     assert pd.read_csv(csv)["prediction_low-high"].isin(["low", "high"]).all()
+    from pipeline import heatmap as heatmap_cli
+
+    assert heatmap_cli.main(["--model", str(model), str(data / "grade3" / "0.png"), "--window", "32", "--step", "32",
+                             "--out", str(tmp_path / "maps")]) == 0
+    maps = [np.load(tmp_path / "maps" / f"0.{c}.npy") for c in ("grade1", "grade2", "grade3")]
+    np.testing.assert_allclose(sum(maps), 1.0, atol=1e-5)
     # A mapping that leaves a class unmapped is refused before any work, naming the file.
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"low": ["grade1"], "high": ["grade3"]}))
