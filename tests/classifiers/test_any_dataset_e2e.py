@@ -79,6 +79,13 @@ def test_breakhis_from_images_to_report_model_and_predictions(breakhis, tmp_path
     record = json.loads((tmp_path / "model" / "model.json").read_text())
     assert record["label_scheme"]["name"] == "breakhis8"
     assert [g["name"] for g in record["groupings"]] == ["breakhis2"]
+    # A model directory written before the scheme was recorded reads its built-in scheme's groupings.
+    old = tmp_path / "old-model"
+    shutil.copytree(tmp_path / "model", old)
+    (old / "model.json").write_text(json.dumps({k: v for k, v in record.items()
+                                                if k not in ("label_scheme", "groupings")}))
+    scheme, groupings = load_model(old).scheme_objects()
+    assert (scheme.name, [g.name for g in groupings]) == ("breakhis8", ["breakhis2"])
     held_out = dataset[dataset["magnification"] == "40"].head(6)
     out, accuracy = predict_dataset(loaded, held_out)
     assert out.table.columns[:6].tolist() == ["image", "image_id", "truth", "group", "magnification", "prediction"]
