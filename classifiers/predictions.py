@@ -19,6 +19,41 @@ from classifiers.evaluation.voting import VoteResult
 
 log = logging.getLogger(__name__)
 
+#: Default of the low-confidence rule: an image is flagged when its highest mean probability
+#: is below this, or when majority voting and mean-probability voting disagree.
+MIN_CONFIDENCE = 0.5
+
+
+def flag_low_confidence(table: pd.DataFrame, classes, min_confidence: float = MIN_CONFIDENCE) -> pd.DataFrame:
+    """Set ``confidence`` (the highest mean probability) and ``low_confidence`` in ``table``.
+
+    The rule (documented in docs/train-predict.md): ``low_confidence`` is true when
+    ``confidence < min_confidence`` -- the model gives its best class less than even odds -- or
+    when the majority vote and the mean-probability decision differ (the views disagree).
+    On 100 bach-dev images in cross-validation such images were right far less often than the
+    others (see the docs for the numbers).
+
+    Parameters
+    ----------
+    table : pandas.DataFrame
+        A predictions table with ``proba_<class>``, ``prediction``, ``prediction_mean_proba``.
+    classes : sequence of str
+    min_confidence : float in [0, 1], default=0.5
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``table`` itself, with the two columns set.
+    """
+    if not 0.0 <= float(min_confidence) <= 1.0:
+        raise ValueError(f"min_confidence must be in [0, 1], got {min_confidence}")
+    proba = table[[f"proba_{c}" for c in classes]].to_numpy(dtype=float)
+    confidence = proba.max(axis=1) if len(table) else np.zeros(0)
+    table["confidence"] = confidence
+    table["low_confidence"] = (confidence < min_confidence) | (
+        table["prediction"].to_numpy(dtype=str) != table["prediction_mean_proba"].to_numpy(dtype=str))
+    return table
+
 
 @dataclass
 class PredictionResult:
@@ -30,7 +65,8 @@ class PredictionResult:
         One row per predicted image, in input order: ``image`` (path as given),
         ``prediction`` (majority vote), ``prediction_mean_proba``, ``n_aug``,
         ``proba_<class>`` (mean probability over augmentations), ``votes_<class>``,
-        ``stain_note`` (why Macenko was not applied, empty when it was).
+        ``stain_note`` (why Macenko was not applied, empty when it was), ``confidence`` and
+        ``low_confidence`` (:func:`flag_low_confidence`).
     skipped : list of dict
         ``{"image": path, "reason": ...}`` for every input that could not be read.
     classes : tuple of str
@@ -81,7 +117,7 @@ def predictions_table(images, votes: VoteResult | None, classes, n_aug, *, stain
     -------
     pandas.DataFrame
         Prediction: ``image, prediction, prediction_mean_proba, n_aug, proba_<c>..., votes_<c>...,
-        stain_note``.  Cross-validation: ``image_id, group, truth, prediction,
+        stain_note, confidence, low_confidence``.  Cross-validation: ``image_id, group, truth, prediction,
         prediction_mean_proba, fold, n_aug, [magnification,] votes_<c>..., proba_<c>..., model,
         classifier, fusion, stores``.
     """
@@ -89,13 +125,14 @@ def predictions_table(images, votes: VoteResult | None, classes, n_aug, *, stain
     if votes is None:
         columns = ["image", "prediction", "prediction_mean_proba", "n_aug"]
         return pd.DataFrame(columns=columns + [f"proba_{c}" for c in classes] + [f"votes_{c}" for c in classes]
-                            + ["stain_note"])
+                            + ["stain_note", "confidence", "low_confidence"])
     decisions = {"prediction": names[votes.majority], "prediction_mean_proba": names[votes.mean_proba_argmax]}
     votes_cols = {f"votes_{c}": votes.votes[:, j] for j, c in enumerate(classes)}
     proba_cols = {f"proba_{c}": votes.mean_proba[:, j] for j, c in enumerate(classes)}
     if run is None:
-        return pd.DataFrame({"image": list(images), **decisions, "n_aug": n_aug, **proba_cols, **votes_cols,
-                             "stain_note": list(stain_note)})
+        table = pd.DataFrame({"image": list(images), **decisions, "n_aug": n_aug, **proba_cols, **votes_cols,
+                              "stain_note": list(stain_note)})
+        return flag_low_confidence(table, classes)
     extra = {} if magnification is None else {"magnification": np.asarray(magnification)}
     frame = pd.DataFrame({"image_id": images, "group": groups, "truth": truth, **decisions, "fold": folds,
                           "n_aug": n_aug, **extra, **votes_cols, **proba_cols})

@@ -164,3 +164,23 @@ def crops_graph(image, positions, side: int):
     span = tf.range(side, dtype=positions.dtype)
     rows = tf.gather(tf.cast(image, tf.int32), positions[:, :1] + span)  # (b, side, w, 3)
     return tf.gather(rows, positions[:, 1:] + span, axis=2, batch_dims=1)
+
+
+def crop_sides(paths, crop_size: int, scale: float) -> list[int]:
+    """The crop sides the images of ``paths`` really get (sorted, distinct): ``crop_size``
+    capped at the shorter side after resizing by ``scale``, as :func:`effective_crop_size`.
+
+    Image sizes come from the file headers (Pillow, which matplotlib already installs; no
+    decoding), so this is cheap enough for a summary.  Unreadable files are left out.
+    """
+    from PIL import Image  # header-only size; OpenCV would decode every pixel
+
+    sides = set()
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                w, h = image.size
+        except (OSError, ValueError, SyntaxError):
+            continue
+        sides.add(effective_crop_size(max(1, round(h * scale)), max(1, round(w * scale)), int(crop_size)))
+    return sorted(sides)

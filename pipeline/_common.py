@@ -23,6 +23,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError)
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: X)`` once: not when the help already states its default, nor for
+    options without a default value (``None``, flags)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text or action.default == []:
+            return text
+        return super()._get_help_string(action)
+
+
 def weights_pair(text: str) -> tuple[str, str]:
     """argparse type of ``--weights BACKBONE=FILE``."""
     name, sep, path = text.partition("=")

@@ -15,7 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline._common import add_data_options, load_data, run
+from pipeline._common import add_data_options, HelpFormatter, load_data, run
 from classifiers.feature.presets import PRESET_NAMES, STORE_FIELDS, get_preset
 from features.backbones import backbone_names
 from features.config import MODES, PRECISIONS, ExtractionConfig
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Extract deep features (one vector per image and colour augmentation) into "
         "a feature store keyed by the full config. Rerunning skips finished images.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--data", required=True,
                    help="a folder with one sub-folder per class (any class names), a CSV manifest "

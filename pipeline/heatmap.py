@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline._common import add_weights_option, run
+from pipeline._common import add_weights_option, HelpFormatter, run
 
 PROG = "python -m pipeline.heatmap"
 
@@ -36,7 +36,7 @@ PROG = "python -m pipeline.heatmap"
 def build_parser() -> argparse.ArgumentParser:
     """The command-line parser."""
     p = argparse.ArgumentParser(
-        prog=PROG, formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog=PROG, formatter_class=HelpFormatter,
         description="Slide a window over images, classify every window with a trained model, and "
         "write per-class probability maps (.npy), their geometry (.json) and an overlay PNG.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")

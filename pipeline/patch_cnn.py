@@ -23,7 +23,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipeline._common import add_training_options, run, training_config
+from pipeline._common import add_training_options, HelpFormatter, run, training_config
 
 log = logging.getLogger("pipeline.patch_cnn")
 PROG = "python -m pipeline.patch_cnn"
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     from classifiers.patch_cnn.model import PatchCNNConfig
 
     d, s = PatchCNNConfig, PatchSampling
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
     p = argparse.ArgumentParser(prog=PROG, description="Tumour / non-tumour patch ConvNet "
                                 "(Glavcheva, Yaloveha and Podorozhniak) trained from point annotations.")
     sub = p.add_subparsers(dest="command", required=True)

@@ -3,7 +3,8 @@
 ::
 
     python -m pipeline.predict --model MODEL_DIR IMAGE_OR_DIR [IMAGE_OR_DIR ...] \\
-        [--out predictions.csv] [--weights BACKBONE=FILE] [--batch-size 8] [--map MAPPING.json]
+        --out PREDICTIONS_CSV [--weights BACKBONE=FILE] [--batch-size 8] [--map MAPPING.json]
+        [--min-confidence 0.5]
     python -m pipeline.predict --model MODEL_DIR --data DIR_OR_CSV [--map MAPPING.json] \\
         [--magnification 40 ...]     # labelled input: accuracy in predictions-accuracy.csv
 
@@ -25,7 +26,7 @@ import logging
 import os
 import sys
 
-from pipeline._common import add_data_options, add_weights_option, load_data, mapping_file, run
+from pipeline._common import add_data_options, add_weights_option, HelpFormatter, load_data, mapping_file, run
 
 log = logging.getLogger("pipeline.predict")
 PROG = "python -m pipeline.predict"
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Predict images (files or folders, searched recursively) with a model directory "
         "made by python -m pipeline.train; writes class, mean probabilities and votes per image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("--data", metavar="DIR_OR_CSV",
@@ -51,11 +52,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(p)
     p.add_argument("--model", required=True, metavar="MODEL_DIR",
                    help="model directory: pipeline.train --out, or a two-stage model (pipeline.two_stage train --out)")
-    p.add_argument("--out", default="predictions.csv", help="CSV to write")
+    p.add_argument("--out", required=True, metavar="CSV",
+                   help="CSV file to write, e.g. runs/new/predictions.csv (required: nothing is written "
+                   "into the current folder unasked)")
     add_weights_option(p, "use this weights file for a backbone (it must have the sha256 the model records)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="crops per forward pass (default: the model's, which reproduces its features "
                    "bit for bit)")
+    p.add_argument("--min-confidence", type=float, default=0.5, metavar="P",
+                   help="flag an image as low confidence when its highest mean probability is below P, or "
+                   "when majority voting and mean-probability voting disagree (column low_confidence; "
+                   "LOW CONFIDENCE in the printed line)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -73,6 +80,8 @@ def predict(args) -> int:
 
     if bool(args.images) == bool(args.data):
         raise ValueError("give either images (files or folders) or --data with a labelled data set")
+    if not 0.0 <= args.min_confidence <= 1.0:
+        raise ValueError(f"--min-confidence must be in [0, 1], got {args.min_confidence}")
     check_predictions_out(args.out)  # before any work
     mapping = load_mapping(args.map) if args.map else None
     model = load_model(args.model)
@@ -82,17 +91,17 @@ def predict(args) -> int:
         if args.data or mapping is not None:
             raise ValueError("--data and --map are for deep-feature models (pipeline.train) in this version")
         result = model.predict_images(args.images, **options)
-        return _write(result, result.skipped, result.n_images, args.out, failure)
+        return _write(result, result.skipped, result.n_images, args.out, failure, args.min_confidence)
     model.check_mapping(mapping)  # a mapping that does not fit fails before any work
     if args.data:
         data = load_data(args)
         result, accuracy = model.predict_dataset(data, mapping=mapping, **options)
-        status = _write(result, result.skipped, len(data), args.out, failure)
+        status = _write(result, result.skipped, len(data), args.out, failure, args.min_confidence)
         if status == 0:
             _write_accuracy(accuracy, args.out)
         return status
     result = model.predict_images(args.images, mapping=mapping, **options)
-    return _write(result, result.skipped, result.n_images, args.out, failure)
+    return _write(result, result.skipped, result.n_images, args.out, failure, args.min_confidence)
 
 
 def accuracy_path(out) -> str:
@@ -115,14 +124,15 @@ def _write_accuracy(accuracy, out) -> None:
     print(f"written to {path}")
 
 
-def _write(result, skipped, n_inputs: int, out, failure: str) -> int:
+def _write(result, skipped, n_inputs: int, out, failure: str, min_confidence: float = 0.5) -> int:
     if result.table.empty:
         print(f"{PROG}: error: none of the {n_inputs} images {failure}:", file=sys.stderr)
         for item in skipped:
             print(f"  {item['image']}: {item['reason']}", file=sys.stderr)
         return 2
-    from classifiers.predictions import write_predictions
+    from classifiers.predictions import flag_low_confidence, write_predictions
 
+    flag_low_confidence(result.table, result.classes, min_confidence)
     write_predictions(result, out)
     print(report(result, skipped, out))
     return 0
@@ -136,13 +146,17 @@ def report(result, skipped, out) -> str:
         votes = " ".join(f"{c} {r[f'votes_{c}']}" for c in classes)
         probas = " ".join(f"{c} {r[f'proba_{c}']:.3f}" for c in classes)
         note = f" [not stain-normalised: {r['stain_note']}]" if r["stain_note"] else ""
+        if r["low_confidence"]:
+            why = (f"highest mean probability {r['confidence']:.3f}" if r["prediction"] == r["prediction_mean_proba"]
+                   else f"votes say {r['prediction']}, mean probability says {r['prediction_mean_proba']}")
+            note = f" [LOW CONFIDENCE: {why}]" + note
         levels = ", ".join(f"{c[len('prediction_'):]}: {r[c]}" for c in r
                            if c.startswith("prediction_") and c != "prediction_mean_proba")
         levels = f" [{levels}]" if levels else ""
         truth = f" [truth: {r['truth']}]" if "truth" in r else ""
         lines.append(f"{r['image']}: {r['prediction']} (votes: {votes}; mean proba: {probas}){levels}{note}{truth}")
     lines.append(f"{len(result.table)} images predicted in {result.seconds:.1f} s on {result.device}; "
-                 f"written to {out}")
+                 f"{int(result.table['low_confidence'].sum())} flagged low confidence; written to {out}")
     if skipped:
         lines.append(f"{len(skipped)} skipped:")
         lines += [f"  {s['image']}: {s['reason']}" for s in skipped]

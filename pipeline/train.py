@@ -21,7 +21,7 @@ import argparse
 import logging
 import sys
 
-from pipeline._common import run  # first: sets passive OpenMP waiting before XGBoost loads
+from pipeline._common import HelpFormatter, run  # first: sets passive OpenMP waiting before XGBoost loads
 from pipeline._common import add_labels_option
 from classifiers.evaluation.cross_validation import FUSION_CHOICES
 from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Fit the final classifier on all images of one or more feature stores and save "
         "it as a model directory (JSON/.npz only) for python -m pipeline.predict.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--features", nargs="+", required=True, metavar="STORE_DIR",
                    help="feature store directories (several = several backbones of the same images)")
@@ -106,18 +106,33 @@ def train(args) -> int:
     else:
         model.fit(dataset)
     out = model.save(args.out, overwrite=args.overwrite)
-    print(report(model.trained, out))
+    paths = list(dataset.images["path"]) if "path" in dataset.images else []
+    print(report(model.trained, out, paths))
     if args.exclude:
         print(f"left out of training: {', '.join(args.exclude)}")
     return 0
 
 
-def report(model, out) -> str:
-    """What was trained, on what, and where it went."""
+def sampling(config: ExtractionConfig, paths=()) -> str:
+    """What the backbone saw per augmentation, with the crop side the images really got."""
+    from features.augment import crop_sides
+
+    text = config.sampling
+    sides = [] if config.mode == "whole" else crop_sides(paths, config.crop_size, config.scale)
+    if sides and sides != [config.crop_size]:
+        real = f"{sides[0]}" if len(sides) == 1 else f"{sides[0]}-{sides[-1]}"
+        text = text.replace(f"crops of {config.crop_size} px",
+                            f"crops of {real} px ({config.crop_size} capped at the scaled image side)")
+    return text
+
+
+def report(model, out, paths=()) -> str:
+    """What was trained, on what (``paths``: the training images, for the real crop side), and
+    where it went."""
     t = model.training
     per_class = ", ".join(f"{c} {n}" for c, n in t["images_per_class"].items())
     stores = ", ".join(
-        f"{name} ({cfg.get('backbone')}, {dim} features, {ExtractionConfig.from_dict(cfg).sampling})"
+        f"{name} ({cfg.get('backbone')}, {dim} features, {sampling(ExtractionConfig.from_dict(cfg), paths)})"
         for name, cfg, dim in zip(model.store_names, model.store_configs, model.feature_dims)
     )
     lines = [

@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 from classifiers.two_stage.model import METHODS, TwoStageConfig
-from pipeline._common import (LABELS_HELP, add_data_options, add_training_options, labels_spec, load_data, run,
-                              training_config)
+from pipeline._common import (LABELS_HELP, HelpFormatter, add_data_options, add_training_options, labels_spec,
+                              load_data, run, training_config)
 
 log = logging.getLogger("pipeline.two_stage")
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m pipeline.two_stage",
                                 description="Two-stage CNN trained from scratch (Nazeri et al. 2018).")
     sub = p.add_subparsers(dest="command", required=True)
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = HelpFormatter
 
     t = sub.add_parser("train", formatter_class=fmt, help="train both networks and save the model",
                        description="Train the patch-wise, then the image-wise network; checkpoints "

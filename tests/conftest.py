@@ -74,4 +74,4 @@ def tiny_dataset(tiny_dir: Path):
 def prediction_columns(classes) -> list:
     """The columns of ``predictions.csv`` (pipeline.predict) for a model of ``classes``, any kind."""
     return (["image", "prediction", "prediction_mean_proba", "n_aug"] + [f"proba_{c}" for c in classes]
-            + [f"votes_{c}" for c in classes] + ["stain_note"])
+            + [f"votes_{c}" for c in classes] + ["stain_note", "confidence", "low_confidence"])

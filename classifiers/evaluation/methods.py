@@ -63,8 +63,11 @@ def _chosen_summary(chosen: list) -> dict:
     return out
 
 
-def _store_methods(name: str, config: dict, unnormalised: list) -> dict:
+def _store_methods(name: str, config: dict, unnormalised: list, paths=()) -> dict:
+    from features.augment import crop_sides
+
     stain = config.get("stain") or None
+    whole = config.get("mode") == "whole" or not config.get("crop_size")
     return {
         "name": name,
         "backbone": config.get("backbone"),
@@ -78,6 +81,7 @@ def _store_methods(name: str, config: dict, unnormalised: list) -> dict:
         "unnormalised": unnormalised,
         **{key: config.get(key) for key in ("augmentations", "color_gain", "color_shift", "crops", "crop_size",
                                              "scale", "mode", "pooling", "precision", "seed", "batch_size")},
+        "crop_sides": [] if whole else crop_sides(paths, config["crop_size"], config.get("scale", 1.0)),
         "config_hash": config.get("config_hash"),
         "versions": config.get("versions") or {},
     }
@@ -102,6 +106,7 @@ def describe_methods(result, command: str | None = None) -> dict:
     dataset, config = result.dataset, result.config
     images = dataset.images
     notes = images["stain_note"] if "stain_note" in images else None
+    paths = list(images["path"]) if "path" in images else []
     unnormalised = ([] if notes is None else
                     [{"image_id": i, "reason": r} for i, r in zip(images["image_id"], notes) if r])
     classifiers = []
@@ -129,7 +134,7 @@ def describe_methods(result, command: str | None = None) -> dict:
             "groups_per_class": {c: int(groups_per_class.get(c, 0)) for c in dataset.classes},
             "augmented_rows": int(len(dataset.meta)),
         },
-        "extraction": [_store_methods(name, cfg, unnormalised if i == 0 else [])
+        "extraction": [_store_methods(name, cfg, unnormalised if i == 0 else [], paths)
                        for i, (name, cfg) in enumerate(zip(dataset.store_names, dataset.store_configs))],
         "classifiers": classifiers,
         "fusion": list(config.fusion) if len(dataset.store_names) > 1 else [],
@@ -156,8 +161,16 @@ def _sampling(store: dict) -> str:
         return f"the whole augmented image, resized by {scale}, was passed through the network"
     shared = (" (the network ran once per augmented image and each crop's window of its feature map "
               "was average-pooled)" if store.get("mode") == "shared" else "")
-    return (f"{store.get('crops')} random square crops of {store.get('crop_size')} px (or the shorter image "
-            f"side when smaller) were taken from each augmented image after resizing by {scale}{shared}, "
+    sides, size = store.get("crop_sides") or [], store.get("crop_size")
+    if sides == [size]:
+        crop = f"{size} px"
+    elif sides:
+        real = f"{sides[0]}" if len(sides) == 1 else f"{sides[0]} to {sides[-1]}"
+        crop = f"{real} px ({size} px capped at the shorter side of the resized image)"
+    else:
+        crop = f"{size} px (or the shorter image side when smaller)"
+    return (f"{store.get('crops')} random square crops of {crop} were taken from each augmented image "
+            f"after resizing by {scale}{shared}, "
             f"and their features were {store.get('pooling')}-pooled into one vector per augmented image")
 
 

@@ -387,6 +387,7 @@ def _methods_html(summary: dict) -> list:
             ("crops per augmentation", "whole image" if store["mode"] == "whole" else store["crops"]),
             ("crop size (px, after scaling; capped at the shorter image side)",
              "n/a" if store["mode"] == "whole" else store["crop_size"]),
+            ("crop sides the images got (px)", ", ".join(map(str, store.get("crop_sides") or [])) or "n/a"),
             ("scale", store["scale"]),
             ("mode", store["mode"]),
             ("pooling", store["pooling"]),

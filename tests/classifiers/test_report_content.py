@@ -90,6 +90,9 @@ def test_methods_section_states_the_stores_real_config_and_versions(report):
     assert "4-fold stratified cross-validation grouped by patient" in paragraph and "fold seed 2" in paragraph
     assert f"sha256 {WEIGHTS_SHA[:12]}" in paragraph and f"numpy {version('numpy')}" in paragraph
     assert "1 image(s) were left unnormalised" in paragraph
+    # 40x60 images at scale 0.25 are 10x15: the 224-px crops are really 10 px, and the Methods say so.
+    assert "5 random square crops of 10 px (224 px capped at the shorter side of the resized image)" in paragraph
+    assert re.search(r"<td>crop sides the images got \(px\)</td>\s*<td>10</td>", methods)
     assert paragraph.strip() in html.unescape(page)
 
 

@@ -129,6 +129,31 @@ def test_logreg_round_trip_reproduces_the_fitted_model(logreg_dir, stores, datas
     printed = capsys.readouterr().out
     assert f"{ids[0]}: {table['prediction'][0]} (votes: " in printed
     assert "3 images predicted" in printed
+    # Low confidence: highest mean probability below --min-confidence, or the two votes disagree.
+    confidence = table[[f"proba_{c}" for c in classes]].max(axis=1)
+    np.testing.assert_allclose(table["confidence"], confidence)
+    disagree = table["prediction"] != table["prediction_mean_proba"]
+    assert list(table["low_confidence"]) == list((confidence < 0.5) | disagree)
+    threshold = float(np.round(confidence.iloc[:3].median(), 6))  # flags some of the three, not all
+    out2 = tmp_path / "pred2.csv"
+    assert predict_cli.main(["--model", str(logreg_dir), *ids[:3], "--out", str(out2), "--quiet",
+                             "--min-confidence", str(threshold)]) == 0
+    flagged = pd.read_csv(out2, keep_default_na=False)
+    expected_flags = list((confidence.iloc[:3] < threshold) | disagree.iloc[:3])
+    assert list(flagged["low_confidence"]) == expected_flags and 0 < sum(expected_flags) < 3
+    printed = capsys.readouterr().out.splitlines()
+    for image, flag, conf in zip(ids[:3], expected_flags, confidence.iloc[:3]):
+        line = next(text for text in printed if text.startswith(f"{image}: "))
+        assert ("[LOW CONFIDENCE: " in line) == flag
+        if flag and not disagree[ids.index(image)]:
+            assert f"highest mean probability {conf:.3f}" in line
+    assert f"{sum(expected_flags)} flagged low confidence" in printed[-1]
+
+
+def test_predict_requires_out(logreg_dir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        predict_cli.main(["--model", str(logreg_dir), "x.png"])
+    assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("fusion", ["concat", "mean-proba"])
@@ -193,7 +218,7 @@ def test_refuses_another_model_format_version(logreg_dir, tmp_path, capsys):
     assert "model format 999, written by breast-histology-pipeline 9.9.0" in message
     assert "reads model format 1 only" in message
     assert "retrain it with this version" in message and "install breast-histology-pipeline 9.9.0" in message
-    assert predict_cli.main(["--model", str(old), str(tmp_path)]) == 2
+    assert predict_cli.main(["--model", str(old), str(tmp_path), "--out", str(tmp_path / "p.csv")]) == 2
     assert "model format 999" in capsys.readouterr().err
 
 
@@ -264,7 +289,8 @@ def test_weights_file_checks_and_override(logreg_dir, tmp_path, capsys):
         reproducible_configs(model, {"efficientnet_lite0": str(other)})
     with pytest.raises(ModelCompatibilityError, match=r"--weights given for \['resnet50'\]"):
         reproducible_configs(model, {"efficientnet_lite0": str(weights), "resnet50": str(weights)})
-    assert predict_cli.main(["--model", str(moved), str(tmp_path), "--weights", f"efficientnet_lite0={other}"]) == 2
+    assert predict_cli.main(["--model", str(moved), str(tmp_path), "--weights", f"efficientnet_lite0={other}",
+                             "--out", str(tmp_path / "p.csv")]) == 2
     assert f"{other}, has sha256" in capsys.readouterr().err
 
 
@@ -312,9 +338,9 @@ def test_predict_cli_skips_unreadable_images_and_lists_them(logreg_dir, dataset_
     err = capsys.readouterr().err
     assert "none of the 1 images could be read" in err and str(corrupt) in err
     assert not (tmp_path / "none.csv").exists()
-    assert predict_cli.main(["--model", str(logreg_dir), str(empty_dir)]) == 2
+    assert predict_cli.main(["--model", str(logreg_dir), str(empty_dir), "--out", str(tmp_path / "p.csv")]) == 2
     assert "no image to predict" in capsys.readouterr().err
-    assert predict_cli.main(["--model", str(tmp_path / "no-model"), str(good)]) == 2
+    assert predict_cli.main(["--model", str(tmp_path / "no-model"), str(good), "--out", str(tmp_path / "p.csv")]) == 2
     assert "model directory not found" in capsys.readouterr().err
 
 
@@ -348,3 +374,18 @@ def test_python_api_trains_the_model_the_cli_trains(stores, logreg_dir, dataset_
     (run,) = result.runs
     assert len(run.predictions) == 8 and set(run.predictions["fold"]) == {0, 1}
     assert (run.predictions[[f"votes_{c}" for c in loaded.classes]].sum(axis=1) == 2).all()
+
+
+def test_train_summary_states_the_real_crop_size(tmp_path):
+    from data.io import write_image
+    from features.config import ExtractionConfig
+    from pipeline.train import sampling
+
+    paths = []
+    for i, (h, w) in enumerate([(384, 512), (300, 512)]):
+        paths.append(write_image(tmp_path / f"i{i}.png", np.zeros((h, w, 3), np.uint8)))
+    config = ExtractionConfig(backbone="efficientnet_lite0", weights="none", augmentations=4, crops=4)
+    # Scale 0.5: 192x256 and 150x256, so the 750-px crops are 192 and 150 px.
+    assert sampling(config, paths) == ("4 augmentations x 4 crops of 150-192 px (750 capped at the scaled image "
+                                       "side) (exact), scale 0.5")
+    assert sampling(config, []) == config.sampling  # no image to read: the config's words

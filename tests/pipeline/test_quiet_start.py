@@ -1,6 +1,7 @@
 """A first run that looks right (issue 14 item 1): no TensorFlow / absl / CUDA start-up lines
 unless --verbose, and everything else on stderr passes through unchanged."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -62,4 +63,15 @@ def test_every_cli_has_verbose(module, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
     assert exit_info.value.code == 0
-    assert "--verbose" in capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "--verbose" in text
+    assert "(default: None)" not in text and "(default: False)" not in text  # issue 14 item 5
+    assert not re.search(r"\(default [^()]*\) \(default: ", text)
+
+
+def test_two_class_labels_error_names_the_cli_flag():
+    from data.labels import map_labels
+
+    with pytest.raises(ValueError) as err:
+        map_labels(["benign", "malignant", "benign"], "bach4")
+    assert "--labels" in str(err.value) and "source_scheme" not in str(err.value)
