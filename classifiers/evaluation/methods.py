@@ -183,8 +183,8 @@ def _stain_sentence(store: dict) -> str:
     left = store.get("unnormalised") or []
     if left:
         reasons = sorted({r["reason"] for r in left})
-        text += (f"; {len(left)} image(s) were left unnormalised, because Macenko has no stain to estimate "
-                 f"on them (staintools fails or returns noise there) ({'; '.join(reasons[:3])})")
+        text += (f"; {len(left)} image(s) were left unnormalised because Macenko's stain estimate failed on "
+                 f"them ({'; '.join(reasons[:3])})")
     return text + "."
 
 

@@ -381,7 +381,7 @@ def _methods_html(summary: dict) -> list:
             ("stain reference sha256", "n/a" if not stain else stain["reference_sha256"]),
             ("images left unnormalised", f"{len(unnormalised)}" + (": " + "; ".join(
                 f"{u['image_id']} ({u['reason']})" for u in unnormalised[:20]) if unnormalised else "")
-             + (" (Macenko has no stain to estimate on them)" if unnormalised else "")),
+             + (" (Macenko's stain estimate failed on them)" if unnormalised else "")),
             ("colour augmentations per image", store["augmentations"]),
             ("augmentation ranges", f"gain 1 ± {store['color_gain']}, shift ± {store['color_shift']} levels per RGB channel"),
             ("crops per augmentation", "whole image" if store["mode"] == "whole" else store["crops"]),
