@@ -17,7 +17,7 @@ import pandas as pd
 
 from .files import file_sha256
 
-__all__ = ["DUPLICATE_COLUMNS", "find_duplicates", "group_duplicates"]
+__all__ = ["DUPLICATE_COLUMNS", "find_duplicates", "group_duplicates", "join_groups"]
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,24 @@ def find_duplicates(paths) -> list[list[int]]:
             for i in same_size:
                 by_hash[file_sha256(paths[i])].append(i)
     return sorted(sorted(v) for v in by_hash.values() if len(v) > 1)
+
+
+def join_groups(groups, sets) -> list:
+    """Groups after joining, for every set of indices in `sets`, the groups of its members (and so
+    every group linked to them); a joined group takes the smallest of its ids in sort order."""
+    parent: dict[str, str] = {}
+
+    def find(g: str) -> str:
+        while parent.get(g, g) != g:
+            g = parent[g]
+        return g
+
+    groups = [str(g) for g in groups]
+    for members in sets:
+        roots = sorted({find(groups[i]) for i in members})
+        for r in roots[1:]:
+            parent[r] = roots[0]
+    return [find(g) for g in groups]
 
 
 def group_duplicates(table: pd.DataFrame, where: str = "the data set") -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -61,19 +79,7 @@ def group_duplicates(table: pd.DataFrame, where: str = "the data set") -> tuple[
     if not sets:
         return table, pd.DataFrame(columns=list(DUPLICATE_COLUMNS))
     # Union-find over group ids: copies join their groups (and so their patients).
-    parent: dict[str, str] = {}
-
-    def find(g: str) -> str:
-        while parent.get(g, g) != g:
-            g = parent[g]
-        return g
-
-    groups = table["group"].astype(str).tolist()
-    for members in sets:
-        roots = sorted({find(groups[i]) for i in members})
-        for r in roots[1:]:
-            parent[r] = roots[0]
-    table["group"] = [find(g) for g in groups]
+    table["group"] = join_groups(table["group"].tolist(), sets)
     rows = []
     for members in sets:
         digest = file_sha256(table["path"].iloc[members[0]])

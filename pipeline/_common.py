@@ -164,17 +164,20 @@ def add_labels_option(parser: argparse.ArgumentParser, help: str = LABELS_HELP, 
                             "subtypes -> benign/malignant); repeatable")
 
 
-def add_data_options(parser: argparse.ArgumentParser) -> None:
-    """``--magnification`` and ``--breakhis-patients`` (images of a data set)."""
+def add_data_options(parser: argparse.ArgumentParser, stores: bool = False) -> None:
+    """``--magnification`` and ``--breakhis-patients`` (images of a data set; with `stores`, the
+    patient option defaults to the groups stored at extraction)."""
     from data.breakhis import PATIENT_GROUPINGS
 
     parser.add_argument("--magnification", nargs="+", metavar="MAG",
                         help="keep only images of these magnifications (BreakHis: 40 100 200 400; from the "
                         "file names or a manifest 'magnification' column); one not in the data is an error")
-    parser.add_argument("--breakhis-patients", default=PATIENT_GROUPINGS[0], choices=PATIENT_GROUPINGS,
-                        help="patients of BreakHis file names: number (default; slides sharing a number, "
-                        "e.g. 14-22549AB and 14-22549CD, are one patient: no leakage between folds) or slide "
-                        "(BreakHis's 82 ids, as in Spanhol et al.'s protocol)")
+    parser.add_argument("--breakhis-patients", default=None if stores else PATIENT_GROUPINGS[0],
+                        choices=PATIENT_GROUPINGS,
+                        help="patients of BreakHis file names: number (slides sharing a number, e.g. 14-22549AB "
+                        "and 14-22549CD, are one patient: no leakage between folds) or slide (BreakHis's 82 ids, "
+                        "as in Spanhol et al.'s protocol); default: "
+                        + ("the groups stored by pipeline.extract (its default: number)" if stores else "number"))
 
 
 def load_data(args: argparse.Namespace, source=None, scheme=None):
@@ -184,4 +187,4 @@ def load_data(args: argparse.Namespace, source=None, scheme=None):
 
     return load_dataset(source if source is not None else args.data, scheme=scheme,
                         magnification=getattr(args, "magnification", None),
-                        breakhis_patients=getattr(args, "breakhis_patients", "number"))
+                        breakhis_patients=getattr(args, "breakhis_patients", None) or "number")

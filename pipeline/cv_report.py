@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing report at --out (never any other non-empty directory)")
     add_labels_option(parser)
-    add_data_options(parser)
+    add_data_options(parser, stores=True)
     parser.add_argument("--folds", type=int, default=6, help="number of grouped folds (default 6)")
     parser.add_argument("--classifier", action="append", type=_choices_list(ALL_CLASSIFIERS),
                         help="xgboost, logreg, two_stage (repeat or comma-separate; default xgboost and "
@@ -235,7 +235,8 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
 
 def _dataset(args, tables, config: CVConfig):
     """The stores as one data set in ``--labels``, with ``--regroup`` and ``--magnification``."""
-    dataset = build_dataset(tables, config.scheme, regroup=args.regroup, magnification=args.magnification)
+    dataset = build_dataset(tables, config.scheme, regroup=args.regroup, magnification=args.magnification,
+                            breakhis_patients=args.breakhis_patients)
     logger.info("%d images, classes %s (%s)%s", len(dataset.images), ", ".join(dataset.classes),
                 dataset.label_scheme.describe(),
                 "; also read as " + ", ".join(g.name for g in dataset.groupings) if dataset.groupings else "")
@@ -265,6 +266,10 @@ def _two_stage(args, config: CVConfig, tables):
 
     data = load_data(args, scheme=config.scheme)
     scheme = resolve_scheme(config.scheme, data["label"])
+    if args.breakhis_patients:  # the stores' groups as the data's
+        from classifiers.evaluation.cv_dataset import with_breakhis_patients
+
+        tables = [with_breakhis_patients(t, args.breakhis_patients) for t in tables]
     try:
         two_stage = two_stage_cv.preset_config(args.two_stage_preset, two_stage_overrides(args.two_stage_config),
                                                scheme=scheme.name if scheme.builtin else scheme.to_dict(),

@@ -278,7 +278,29 @@ def at_magnification(table, magnification, name: str = "store"):
     return type(table)(meta=meta[rows].reset_index(drop=True), X=np.asarray(table.X)[rows], config=table.config)
 
 
-def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=None) -> CVDataset:
+def with_breakhis_patients(table, grouping: str):
+    """A feature table whose BreakHis-named images get their patient under `grouping`
+    (``number`` or ``slide``, :data:`data.breakhis.PATIENT_GROUPINGS`), copies of one image
+    (same ``source_sha256``) joined again; other images keep their group."""
+    from data.breakhis import is_breakhis_like, parse_name
+    from data.duplicates import join_groups
+
+    meta = table.meta.copy()
+    per_image = meta.drop_duplicates("image_id").reset_index(drop=True)
+    groups = []
+    for image_id, group in zip(per_image["image_id"].astype(str), per_image["group"].astype(str)):
+        name = image_id.rsplit("/", 1)[-1]
+        groups.append(parse_name(name).patient(grouping) if is_breakhis_like(name) else group)
+    if "source_sha256" in per_image.columns:
+        sha = per_image["source_sha256"].astype(str)
+        sets = [list(idx) for digest, idx in per_image.groupby(sha).indices.items() if digest and len(idx) > 1]
+        groups = join_groups(groups, sets)
+    meta["group"] = meta["image_id"].astype(str).map(dict(zip(per_image["image_id"].astype(str), groups)))
+    return type(table)(meta=meta, X=table.X, config=table.config)
+
+
+def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=None,
+                  breakhis_patients=None) -> CVDataset:
     """Validate and align feature tables, and map their labels to ``scheme``.
 
     Parameters
@@ -295,6 +317,9 @@ def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=N
         Mapping files of coarser schemes to report too (next to the built-in ones).
     magnification : str, int or list, optional
         Keep only the images of these magnifications (:func:`at_magnification`).
+    breakhis_patients : {'number', 'slide'}, optional
+        Regroup BreakHis-named images into patients this way (:func:`with_breakhis_patients`);
+        default: the groups stored at extraction.
 
     Returns
     -------
@@ -315,6 +340,8 @@ def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=N
         raise InputDataError(f"store names must be unique, one per store: {names}")
     if magnification is not None:
         tables = [at_magnification(t, magnification, n) for t, n in zip(tables, names)]
+    if breakhis_patients is not None:
+        tables = [with_breakhis_patients(t, breakhis_patients) for t in tables]
     frames = [_validated_frame(t, n) for t, n in zip(tables, names)]
     metas, Xs = [f[0] for f in frames], [np.ascontiguousarray(f[1], dtype=np.float32) for f in frames]
     _check_same_rows(metas, names)

@@ -43,6 +43,13 @@ def test_breakhis_extract_report_train_predict(breakhis, tmp_path, capsys):
     assert mags["magnification"].tolist() == ["40", "100", "all"] and mags["n_images"].tolist() == [16, 16, 32]
     assert "Patient-level accuracy" in (out / "report.html").read_text()
 
+    # BreakHis's own 82-style slide ids instead, from the same store.
+    by_slide = tmp_path / "by-slide"
+    cv_cli.main(["--features", str(features), "--out", str(by_slide), "--breakhis-patients", "slide", *FAST])
+    folds = pd.read_csv(by_slide / "folds.csv", dtype=str)
+    assert folds["group"].nunique() == 16 and "14-22549AB" in set(folds["group"])
+    assert folds.groupby("group")["fold"].nunique().max() == 1
+
     # One magnification only; an unknown one is refused before any work.
     at40 = tmp_path / "report40"
     cv_cli.main(["--features", str(features), "--out", str(at40), "--magnification", "40", *FAST])
