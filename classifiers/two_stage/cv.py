@@ -469,7 +469,7 @@ def cross_validate_two_stage(table: pd.DataFrame, dataset: CVDataset, folds: np.
     for k in range(n_folds):
         train, test = np.flatnonzero(folds != k), np.flatnonzero(folds == k)
         fold_config = replace(config, stain=_stain_for(table.iloc[train], config, stain_reference, fixed))
-        scores, record = _run_fold(k, out_dir / f"fold-{k + 1}", table, train, test, fold_config,
+        scores, record = _run_fold(k, out_dir / f"fold-{k}", table, train, test, fold_config,
                                    keep_checkpoints, progress)
         for m, s in scores.items():
             collected.setdefault(m, np.zeros((len(folds),) + s.shape[1:]))[test] = s

@@ -61,7 +61,7 @@ def report(data_dir, store, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def fold_model(report):
-    return report / "two_stage_folds" / "fold-1" / "model"
+    return report / "two_stage_folds" / "fold-0" / "model"
 
 
 def test_report_has_every_run_on_the_same_folds(report, data_dir):
@@ -91,7 +91,7 @@ def test_report_has_every_run_on_the_same_folds(report, data_dir):
         if n_views == 1:
             assert (run["prediction"] == run["prediction_mean_proba"]).all()
     # The single pass and the ensemble are the fold model's own predictions of its test images.
-    model = TwoStageModel.load(report / "two_stage_folds" / "fold-1" / "model")
+    model = TwoStageModel.load(report / "two_stage_folds" / "fold-0" / "model")
     test = predictions[(predictions["model"] == "two_stage") & (predictions["fold"] == 0)]
     paths = [str(data_dir / i) for i in test["image_id"]]
     for name, ensemble in (("two_stage", False), ("two_stage_ensemble", True)):
@@ -110,7 +110,7 @@ def test_report_has_every_run_on_the_same_folds(report, data_dir):
     html = (report / "report.html").read_text()
     assert "Run two_stage_ensemble" in html and "Two-stage CNN" in html
     # Every fold's model is saved with its config; checkpoints are gone once it is.
-    for k in range(1, FOLDS + 1):
+    for k in range(FOLDS):  # numbered from 0, as in the report and the log
         fold = report / "two_stage_folds" / f"fold-{k}"
         assert sorted(p.name for p in fold.iterdir()) == ["fold.json", "model", "scores.npz"]
         record = json.loads((fold / "model" / "config.json").read_text())
@@ -134,7 +134,7 @@ def test_rerun_reuses_finished_folds_and_refuses_another_config(report, data_dir
     mine = before[before["classifier"] == "two_stage"].reset_index(drop=True)
     pd.testing.assert_frame_equal(after.drop(columns="stores"), mine.drop(columns="stores"))
     # A lost scores file is recomputed from the saved fold model, still without training.
-    (copy / "two_stage_folds" / "fold-2" / "scores.npz").unlink()
+    (copy / "two_stage_folds" / "fold-1" / "scores.npz").unlink()
     cv_report.main(["--data", str(data_dir), "--out", str(copy), "--overwrite", *COMMON])
     pd.testing.assert_frame_equal(pd.read_csv(copy / "predictions.csv"), after, atol=1e-6)
 
@@ -212,7 +212,7 @@ def test_extract_with_two_stage_backbone_feeds_cv_report_train_and_predict(fold_
     assert config["backbone"] == "two_stage" and config["weights_sha256"] == sha
     assert config["crop_size"] == 32 and config["scale"] == 1.0 and config["stain"] is None  # the model's
     # Another model is another store (its hash is in the config).
-    other = report / "two_stage_folds" / "fold-2" / "model"
+    other = report / "two_stage_folds" / "fold-1" / "model"
     assert extract_cli.main(args[:6] + ["--two-stage-model", str(other)] + args[8:]) == 0
     assert len([p for p in root.iterdir() if p.is_dir()]) == 2
     capsys.readouterr()
