@@ -259,7 +259,7 @@ def test_predict_accepts_a_two_stage_model(fold_model, data_dir, tmp_path, capsy
     classes = ["normal", "benign", "insitu", "invasive"]
     assert list(table.columns) == (["image", "prediction", "prediction_mean_proba", "n_aug"]
                                    + [f"proba_{c}" for c in classes] + [f"votes_{c}" for c in classes]
-                                   + ["stain_note"])
+                                   + ["stain_note", "confidence", "low_confidence"])
     assert list(table["image"]) == images and (table["n_aug"] == 8).all()
     model = TwoStageModel.load(fold_model)
     expected = model.predict_proba(images, "two_stage", ensemble=True)
