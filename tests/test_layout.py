@@ -52,7 +52,12 @@ def test_the_checker_finds_late_and_relative_imports(tmp_path):
 
 
 def test_no_cli_defines_a_class():
-    """pipeline/ modules parse, call the library and print: models, adapters and configs live below."""
+    """pipeline/ modules parse, call the library and print: models, adapters and configs live below.
+
+    The one exception is argparse's own extension point: a help formatter subclass in the
+    shared-options module (argparse takes a formatter class, not a function)."""
+    allowed = {("pipeline/_common.py", "HelpFormatter")}
     found = [f"{path.relative_to(ROOT)}:{node.lineno} class {node.name}" for path in _modules("pipeline")
-             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(node, ast.ClassDef)]
+             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+             if isinstance(node, ast.ClassDef) and (path.relative_to(ROOT).as_posix(), node.name) not in allowed]
     assert found == []
