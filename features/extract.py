@@ -33,7 +33,8 @@ from features.augment import effective_crop_size
 from features.backbones import get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.pooling import pool_features
-from features.image_side import Preprocessing, image_items, iter_host_items, prepare_image
+from features.image_side import (Preprocessing, default_workers, image_items, iter_host_items,
+                                 prepare_image)
 from features.stain import fit_stain_reference
 from features.store import META_COLUMNS, FeatureStore, FeatureTable, make_record
 
@@ -142,7 +143,8 @@ def resolve_config(dataset: pd.DataFrame | None = None, *, backbone: str = "effi
     return config if model_stain is None else replace(config, stain=model_stain)
 
 
-def extract_features(data, out, *, progress: bool = True, **options) -> "ExtractionSummary":
+def extract_features(data, out, *, progress: bool = True, workers: int | None = None,
+                     **options) -> "ExtractionSummary":
     """Images -> a cached feature store under ``out`` (what ``python -m pipeline.extract`` does).
 
     Parameters
@@ -153,6 +155,9 @@ def extract_features(data, out, *, progress: bool = True, **options) -> "Extract
         Store root; the store is ``out/<backbone>-<config hash>/``, resumable.
     progress : bool
         Show a progress bar.
+    workers : int, optional
+        Processes that decode and stain-normalise ahead of the backbone (default
+        :func:`features.image_side.default_workers`); the store does not depend on it.
     **options
         As :func:`resolve_config` takes them: ``backbone``, ``weights``, ``stain_reference``,
         ``crop_size``, ``scale``, ``augmentations``, ``crops``, ``pooling``, ``mode``, ...
@@ -165,7 +170,9 @@ def extract_features(data, out, *, progress: bool = True, **options) -> "Extract
     from data.datasets import load_dataset
 
     dataset = data if isinstance(data, pd.DataFrame) else load_dataset(data)
-    return extract_to_store(dataset, resolve_config(dataset, **options), out, progress=progress)
+    workers = default_workers() if workers is None else workers
+    return extract_to_store(dataset, resolve_config(dataset, **options), out, progress=progress,
+                            workers=workers)
 
 
 def describe_device() -> str:
