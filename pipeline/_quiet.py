@@ -25,6 +25,9 @@ NOISE = re.compile(
     rb"|To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler flags\.)\r?$"
 )
 _PREFIXES = (b"I0000", b"W0000", b"E0000", b"WARNING: All log", b"To enable the following")
+# Written by restore_stderr after our last output: the reader stops there instead of waiting
+# for end-of-file, which never comes while a worker process still holds the pipe.
+_END = b"\x00end-of-stderr-filter\x00"
 
 _state: dict = {}
 
@@ -50,6 +53,9 @@ def _pump(read_fd: int, write_fd: int) -> None:
         if not chunk:
             break
         pending += chunk
+        done = _END in pending
+        if done:
+            pending = pending[: pending.index(_END)]
         out = []
         while True:
             cut = min((i for i in (pending.find(b"\n"), pending.find(b"\r")) if i >= 0), default=-1)
@@ -66,6 +72,8 @@ def _pump(read_fd: int, write_fd: int) -> None:
             pending = b""
         if out:
             os.write(write_fd, b"".join(out))
+        if done:
+            break
     if pending and not is_noise(pending):
         os.write(write_fd, pending)
 
@@ -102,6 +110,10 @@ def restore_stderr() -> None:
     except (OSError, ValueError):
         pass
     original, thread = _state.pop("original"), _state.pop("thread")
-    os.dup2(original, 2)  # closes the pipe's last write end: the reader sees EOF
+    try:
+        os.write(2, _END)  # after everything this process wrote: the reader passes it all on, then stops
+    except OSError:
+        pass
+    os.dup2(original, 2)
     thread.join(timeout=5)
     os.close(original)

@@ -1,9 +1,12 @@
 """A first run that looks right (issue 14 item 1): no TensorFlow / absl / CUDA start-up lines
 unless --verbose, and everything else on stderr passes through unchanged."""
 
+import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +78,18 @@ def test_two_class_labels_error_names_the_cli_flag():
     with pytest.raises(ValueError) as err:
         map_labels(["benign", "malignant", "benign"], "bach4")
     assert "--labels" in str(err.value) and "source_scheme" not in str(err.value)
+
+
+def test_a_worker_holding_stderr_does_not_delay_the_exit(tmp_path):
+    # A worker process inherits the filtered fd 2; the filter must not wait for it to close.
+    code = ("import subprocess, sys; from pipeline._quiet import silence_library_startup; "
+            "silence_library_startup(); child = subprocess.Popen(['sleep', '20'], stdout=subprocess.DEVNULL); "
+            "print('bye', file=sys.stderr); print(child.pid)")
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        tic = time.perf_counter()
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=err, timeout=60)
+        seconds = time.perf_counter() - tic
+    os.kill(int(done.stdout), signal.SIGTERM)
+    assert done.returncode == 0 and log.read_text() == "bye\n"
+    assert seconds < 4.5  # not the 5 s join timeout, nor the child's 20 s
