@@ -12,6 +12,8 @@ import html
 
 import pandas as pd
 
+from data.labels import display_name
+
 __all__ = ["dataset_html", "dataset_summary", "run_html", "run_tables"]
 
 
@@ -38,12 +40,12 @@ def dataset_html(summary: dict) -> list:
         mapping = scheme.get("mapping") or {}
         source = {"built-in": "built-in scheme", "as found": "the classes as found"}.get(scheme["source"],
                                                                                         f"mapping file {scheme['source']}")
-        parts.append(f"<p>Classes: {esc(', '.join(scheme['classes']))} ({esc(source)}"
+        parts.append(f"<p>Classes: {esc(', '.join(map(display_name, scheme['classes'])))} ({esc(source)}"
                      + (f"; merged: {esc('; '.join(f'{k} -> {v}' for k, v in mapping.items()))}" if mapping and
                         scheme["source"] != "built-in" else "") + ").</p>")
     if summary.get("groupings"):
         parts.append("<p>Also reported in the coarser groupings: "
-                     + "; ".join(f"{esc(g['name'])} ({esc(', '.join(g['classes']))})" for g in summary["groupings"])
+                     + "; ".join(f"{esc(g['name'])} ({esc(', '.join(map(display_name, g['classes'])))})" for g in summary["groupings"])
                      + ".</p>")
     duplicates = summary.get("duplicates") or []
     if duplicates:

@@ -214,6 +214,8 @@ def test_tables_have_one_header_row_and_readable_class_names(report):
     assert "<th>in situ</th>" in page and "truth \\ predicted" in page
     for heading in re.findall(r"<h[1-3]>(.*?)</h[1-3]>", page) + re.findall(r"<th>(.*?)</th>", page):
         assert "insitu" not in heading, heading
+    classes_line = re.search(r"<p>Classes: (.*?)</p>", page).group(1)
+    assert "in situ" in classes_line and "insitu" not in classes_line
 
 
 def test_confusion_colour_bar_has_whole_number_ticks():
