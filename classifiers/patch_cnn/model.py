@@ -4,13 +4,12 @@ Design notes: docs/patch-cnn.md, "Design notes: the network".
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
 
-from data.files import atomic_write, atomic_write_text
+from classifiers.model_files import load_model_directory, save_model_directory
 from classifiers.patch_cnn.annotations import (
     AnnotationError,
     NoAnnotationsError,
@@ -303,38 +302,24 @@ class PatchCNN:
 
     def save(self, directory) -> Path:
         """Write ``patch_cnn.keras`` then ``patch_cnn.json``, each atomically."""
-        import keras
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        bare = keras.Model(self.network.input, self.network.output, name=self.network.name)  # no optimizer
-        atomic_write(directory / NETWORK_FILE, bare.save)
-        record = {"kind": MODEL_KIND, "format_version": MODEL_FORMAT_VERSION, "keras_version": keras.__version__,
-                  "classes": list(CLASSES), "patch_size": PATCH_SIZE, "n_parameters": int(bare.count_params()),
+        record = {"kind": MODEL_KIND, "format_version": MODEL_FORMAT_VERSION,
+                  "classes": list(CLASSES), "patch_size": PATCH_SIZE, "n_parameters": int(self.network.count_params()),
                   "config": asdict(self.config), **{k: v for k, v in self.record.items() if k != "config"}}
-        atomic_write_text(directory / RECORD_FILE, json.dumps(record, indent=2))
-        return directory
+        return save_model_directory(directory, {NETWORK_FILE: self.network}, RECORD_FILE, record)
 
     @classmethod
     def load(cls, directory) -> "PatchCNN":
-        """Load a directory written by :meth:`save` (Keras ``safe_mode=True``: no code is run).
+        """Read what :meth:`save` wrote (Keras ``safe_mode=True``: no code is run).
 
         Raises
         ------
         FileNotFoundError, ValueError
             Not a patch ConvNet directory, another format version, or a network of another shape.
         """
-        import keras
-
         directory = Path(directory)
-        path = directory / RECORD_FILE
-        if not path.is_file():
-            raise FileNotFoundError(f"{directory} is not a patch ConvNet model directory (no {RECORD_FILE})")
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("kind") != MODEL_KIND or record.get("format_version") != MODEL_FORMAT_VERSION:
-            raise ValueError(f"{path} is not a patch ConvNet model of format {MODEL_FORMAT_VERSION}; "
-                             "retrain it with python -m pipeline.patch_cnn train")
-        network = keras.models.load_model(directory / NETWORK_FILE, safe_mode=True, compile=False)
+        record, networks = load_model_directory(directory, RECORD_FILE, {"kind": MODEL_KIND, "format_version": MODEL_FORMAT_VERSION},
+                                                "patch ConvNet model", (NETWORK_FILE,))
+        network = networks[NETWORK_FILE]
         if tuple(network.input_shape[1:]) != (PATCH_SIZE, PATCH_SIZE, 3) or tuple(network.output_shape[1:]) != (1,):
             raise ValueError(f"{directory / NETWORK_FILE} maps {network.input_shape} to {network.output_shape}, "
                              f"not ({PATCH_SIZE}, {PATCH_SIZE}, 3) patches to one probability")

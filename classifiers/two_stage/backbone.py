@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from classifiers.model_files import load_network
 from features.backbones import BackboneSpec, WeightsNotFoundError, register_backbone
 
 #: Files of a two-stage model directory (:meth:`classifiers.two_stage.model.TwoStageModel.save`).
@@ -77,7 +78,7 @@ def build_two_stage_features(weights_file: Path | None, input_shape=(None, None,
 
     if weights_file is None:
         raise ValueError("the two_stage backbone needs a trained model directory (--two-stage-model DIR)")
-    net = keras.models.load_model(_patch_net_file(weights_file), safe_mode=True, compile=False)
+    net = load_network(_patch_net_file(weights_file))
     inputs = keras.Input(input_shape, name="image")
     x, hidden = inputs, None
     for layer in net.layers[1:]:  # a chain: scale, 15 x (conv, bn, relu), maps, head

@@ -5,7 +5,6 @@ Design notes: docs/two-stage.md, "Design notes: the model".
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -25,7 +24,7 @@ from classifiers.two_stage.grid import (
     orient_grid,
     stack_maps,
 )
-from data.files import atomic_write, atomic_write_text
+from classifiers.model_files import load_model_directory, save_model_directory
 from data.io import ImageReadError, read_image
 from data.labels import SCHEMES
 
@@ -46,6 +45,8 @@ METHODS: tuple[str, ...] = ("two_stage", "majority", "max", "sum")
 
 #: Version of the saved-model layout (``config.json`` + two ``.keras`` files).
 MODEL_FORMAT = 1
+#: The networks of a saved model: patch-wise, image-wise.
+_NETWORK_FILES = ("patch_net.keras", "image_net.keras")
 
 # Config fields that do not change the trained weights: left out of the resume fingerprint.
 RUNTIME_FIELDS = ("ensemble", "inference_batch_size", "cache_mb")
@@ -731,45 +732,28 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         The networks are saved without optimizer state; ``config.json`` holds the config,
         classes, grid and training history.  Every file is written atomically.
         """
-        import keras
-
         check_is_fitted(self)
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        for net, filename in ((self.patch_net_, "patch_net.keras"), (self.image_net_, "image_net.keras")):
-            # Same layers in an uncompiled model: saved without the optimizer state.
-            bare = keras.Model(net.input, net.output, name=net.name)
-            atomic_write(directory / filename, bare.save)
-        record = {"format": MODEL_FORMAT, "model": "two_stage", "keras_version": keras.__version__,
-                  "config": self.cfg.to_dict(), "classes": self.classes_.tolist(),
-                  "grid": list(self.grid_), "history": self.history_}
-        atomic_write_text(directory / "config.json", json.dumps(record, indent=2))
-        return directory
+        record = {"format": MODEL_FORMAT, "model": "two_stage", "config": self.cfg.to_dict(),
+                  "classes": self.classes_.tolist(), "grid": list(self.grid_), "history": self.history_}
+        return save_model_directory(directory, dict(zip(_NETWORK_FILES, (self.patch_net_, self.image_net_))),
+                                    "config.json", record)
 
     @classmethod
     def load(cls, directory) -> "TwoStageModel":
-        """Load a model written by :meth:`save` (Keras ``safe_mode=True``: no code is unpickled).
+        """Load a model written by :meth:`save` (no code is unpickled).
 
         Raises
         ------
         FileNotFoundError, ValueError
             If a file is missing or was written by an unknown format version.
         """
-        import keras
-
-        directory = Path(directory)
-        config_path = directory / "config.json"
-        if not config_path.is_file():
-            raise FileNotFoundError(f"'{directory}' is not a two-stage model directory (no config.json)")
-        record = json.loads(config_path.read_text(encoding="utf-8"))
-        if record.get("model") != "two_stage" or record.get("format") != MODEL_FORMAT:
-            raise ValueError(f"'{config_path}' is not a two-stage model of format {MODEL_FORMAT}")
+        record, networks = load_model_directory(directory, "config.json", {"model": "two_stage", "format": MODEL_FORMAT},
+                                                "two-stage model", _NETWORK_FILES)
         model = cls(TwoStageConfig.from_dict(record["config"]))
         model.classes_ = np.array(record["classes"])
         model.grid_ = tuple(record["grid"])
         model.history_ = record.get("history", {})
-        model.patch_net_ = keras.models.load_model(directory / "patch_net.keras", safe_mode=True, compile=False)
-        model.image_net_ = keras.models.load_model(directory / "image_net.keras", safe_mode=True, compile=False)
+        model.patch_net_, model.image_net_ = (networks[f] for f in _NETWORK_FILES)
         model._outputs = None
         return model
 
