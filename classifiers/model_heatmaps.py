@@ -22,7 +22,7 @@ FEATURE_STEP = 128
 
 def _check_window(window: int | None, needed: int, what: str) -> int:
     if window is not None and window != needed:
-        raise ValueError(f"{what} classifies {needed}-pixel windows only; drop --window or pass --window {needed}")
+        raise ValueError(f"{what} classifies {needed}-pixel windows only; drop `window` or pass `window={needed}`")
     return needed
 
 
@@ -43,7 +43,7 @@ class FeatureModelHeatmaps:
         self.window = window or self.configs[0].crop_size
         if not self.window:  # mode "whole": trained on whole images, no crop size to inherit
             raise ValueError("this model was trained on whole images (extraction mode 'whole'); "
-                             "choose the heatmap window side with --window PIXELS")
+                             "choose the heatmap window side (pixels) with `window`")
         self.step = step or FEATURE_STEP
         batch = batch_size if exact else 1  # feature_maps pads its batch: 1 image per pass
         self.sources = [FeatureSource(FeatureExtractor(c, batch_size=batch), c.scale, c.stain) for c in self.configs]
@@ -163,7 +163,7 @@ def open_heatmaps(model, *, window: int | None = None, step: int | None = None, 
         ``maker(path, raw) -> (image, Heatmap)``.
     """
     if (window is not None and window < 1) or (step is not None and step < 1):
-        raise ValueError("--window and --step must be >= 1 pixel")
+        raise ValueError("`window` and `step` must be >= 1 pixel")
     if whole_image not in WHOLE_IMAGE:
         raise ValueError(f"whole_image must be one of {WHOLE_IMAGE}, got {whole_image!r}")
     from classifiers.protocol import load_model
@@ -174,7 +174,7 @@ def open_heatmaps(model, *, window: int | None = None, step: int | None = None, 
                            weights=dict(weights or {}), batch_size=batch_size)
     unknown = sorted(set(classes or ()) - set(maker.classes))
     if unknown:
-        raise ValueError(f"--classes {unknown} not among the model's classes {', '.join(maker.classes)}")
+        raise ValueError(f"`classes` {unknown} not among the model's classes {', '.join(maker.classes)}")
     return maker
 
 

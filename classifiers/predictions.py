@@ -193,12 +193,12 @@ def check_predictions_out(out) -> Path:
     """Refuse, before any work, a CSV path that is a directory or whose folder cannot be made."""
     path = Path(os.path.abspath(out))
     if path.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a CSV file path, e.g. {Path(out) / 'predictions.csv'}")
+        raise ValueError(f"`out` {out} is a directory; give a CSV file path, e.g. {Path(out) / 'predictions.csv'}")
     parent = path.parent
     while not parent.exists() and parent.parent != parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out}: cannot write there ({parent} is not a writable directory)")
+        raise ValueError(f"`out` {out}: cannot write there ({parent} is not a writable directory)")
     return path
 
 

@@ -170,7 +170,7 @@ def select_magnification(table: pd.DataFrame, magnification, where: str = "the d
     wanted = [_magnification(str(m)) for m in wanted]
     if "magnification" not in table.columns or not (table["magnification"] != "").any():
         raise DatasetError(f"{where} records no magnification (BreakHis file names or a manifest "
-                           "'magnification' column give it): cannot select --magnification "
+                           "'magnification' column give it): cannot select `magnification` "
                            f"{' '.join(wanted)}")
     present = sorted({m for m in table["magnification"] if m}, key=lambda m: (len(m), m))
     unknown = [m for m in wanted if m not in present]

@@ -156,19 +156,19 @@ def check_output_dir(out: Path | str, *, overwrite: bool, is_ours: Callable[[Pat
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {out} is a file, not a directory; choose another --out")
+        raise FileExistsError(f"`out` {out} is a file, not a directory; choose another `out`")
     if out.is_dir():
         extra = [p.name for p in out.iterdir() if p.name not in resumable]
         if extra and not overwrite:
-            raise FileExistsError(f"--out {out} already exists and is not empty; choose another --out or "
-                                  f"pass --overwrite to replace the {what} there")
+            raise FileExistsError(f"`out` {out} already exists and is not empty; choose another `out` or "
+                                  f"pass `overwrite` to replace the {what} there")
         if extra and not is_ours(out):
-            raise FileExistsError(f"--out {out} exists and is not a {what}; refusing to replace it")
+            raise FileExistsError(f"`out` {out} exists and is not a {what}; refusing to replace it")
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise FileExistsError(f"--out {out}: cannot create it ({parent} is not a writable directory)")
+        raise FileExistsError(f"`out` {out}: cannot create it ({parent} is not a writable directory)")
     return out
 
 

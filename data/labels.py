@@ -297,7 +297,7 @@ def map_labels(labels: Iterable[str], scheme: str, *, source_scheme: str | None 
         if source_scheme is None and "benign" in present and "normal" not in present:
             why = (
                 " ('benign' without any 'normal' is read as bmc3 benign, which includes normal"
-                " tissue; report them in one of those schemes: --labels on the command line)"
+                " tissue; report them in one of those schemes: `scheme`)"
             )
         raise ValueError(
             f"cannot map labels {present} to scheme {scheme!r}: they support only "

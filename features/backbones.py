@@ -85,7 +85,7 @@ def _keras_cached(file_name: str, url: str) -> Callable[[], Path]:
                 f"ImageNet weights not found: Keras expects the file '{file_name}' at {path}. "
                 f"This machine cannot download it. On a machine with internet access, get it "
                 f"from {url} and copy it to {keras_cache_dir()}/, or pass its path with "
-                f"--weights FILE."
+                f"`weights`."
             )
         return path
 

@@ -263,10 +263,10 @@ def parse_dask_spec(spec: str) -> tuple[str, int | str]:
     if spec.startswith(LOCAL_PREFIX):
         count = spec[len(LOCAL_PREFIX):]
         if not count.isdigit() or int(count) < 1:
-            raise ValueError(f"--dask {spec}: expected local:N with N >= 1 worker processes")
+            raise ValueError(f"`dask` {spec}: expected local:N with N >= 1 worker processes")
         return "local", int(count)
     if not spec.strip():
-        raise ValueError("--dask needs a scheduler address (tcp://HOST:PORT) or local:N")
+        raise ValueError("`dask` needs a scheduler address (tcp://HOST:PORT) or local:N")
     return "address", spec
 
 

@@ -106,16 +106,16 @@ def backbone_options(backbone: str, *, weights: str = "imagenet", stain_referenc
     spec = get_backbone(backbone)
     if not spec.trained:
         if two_stage_model is not None:
-            raise ValueError("--two-stage-model is for --backbone two_stage")
+            raise ValueError("`two_stage_model` is for `backbone` two_stage")
         if stain_reference is not None and stain_reference.lower() == "model":
-            raise ValueError("--stain-reference model is for --backbone two_stage")
+            raise ValueError("`stain_reference` model is for `backbone` two_stage")
         # "is None", not "or": 0 is a value to reject (ExtractionConfig), not to replace
         return (weights, stain_reference or "auto", d.crop_size if crop_size is None else crop_size,
                 d.scale if scale is None else scale, None)
     if two_stage_model is None:
-        raise ValueError(f"--backbone {backbone} needs --two-stage-model MODEL_DIR (a trained two-stage model)")
+        raise ValueError(f"`backbone` {backbone} needs `two_stage_model` (a trained two-stage model directory)")
     if weights != "imagenet":
-        raise ValueError(f"--backbone {backbone} takes its weights from --two-stage-model, not --weights")
+        raise ValueError(f"`backbone` {backbone} takes its weights from `two_stage_model`, not `weights`")
     model = spec.extraction_defaults(Path(two_stage_model))
     scale = model["scale"] if scale is None else scale
     if scale != model["scale"]:

@@ -159,7 +159,7 @@ def fit_stain_reference(
         if not fitted:
             raise StainNormalizationError(
                 "no image of the dataset can serve as Macenko reference; give one with "
-                "--stain-reference or disable normalisation with --stain-reference none"
+                "`stain_reference` or disable normalisation with `stain_reference='none'`"
             )
         vectors = np.stack([n.stain_matrix.ravel() for _, n in fitted])
         distances = np.linalg.norm(vectors[:, None] - vectors[None], axis=-1).sum(axis=1)

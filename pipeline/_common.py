@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable
 
@@ -89,14 +90,53 @@ def add_verbose_option(parser: argparse.ArgumentParser) -> None:
                             "which device runs and why")
 
 
+#: Library parameters whose option has another name in every CLI.
+PARAMETER_FLAGS = {"n_folds": "--folds", "scheme": "--labels", "stores": "--features"}
+
+
+def _option_strings(parser: argparse.ArgumentParser) -> set:
+    found = set()
+    for action in parser._actions:  # argparse has no public listing of a parser's options
+        found.update(action.option_strings)
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _option_strings(sub)
+    return found
+
+
+def cli_message(parser: argparse.ArgumentParser, message: str, flags: dict | None = None) -> str:
+    """A library message in the CLI's words: a parameter the library names in backquotes
+    (```window```, ```n_folds=3```) becomes this CLI's option (``--window``, ``--folds 3``).
+
+    ``flags`` maps a parameter, or a whole ```name=value```, to the option of this CLI when its
+    name is not the parameter's (:data:`PARAMETER_FLAGS` hold those common to every CLI).
+    """
+    flags = {**PARAMETER_FLAGS, **(flags or {})}
+    options = _option_strings(parser)
+
+    def option(match):
+        text = match.group(1)
+        if text in flags:
+            return flags[text]
+        name, eq, value = text.partition("=")
+        flag = flags.get(name, "--" + name.replace("_", "-"))
+        if flag not in options:
+            return match.group(0)
+        return f"{flag} {value.strip(chr(39))}" if eq else flag
+
+    return re.sub(r"`([a-z][a-z0-9_]*(?:=[^`]*)?)`", option, message)
+
+
 def run(parser: argparse.ArgumentParser, job: Callable, argv=None, *, errors: tuple = (),
-        interrupted: Callable | None = None, exit_on_error: bool = False, timestamps: bool = False):
+        interrupted: Callable | None = None, exit_on_error: bool = False, timestamps: bool = False,
+        flags: dict | None = None):
     """Parse ``argv``, run ``job(args)`` and return what it returns.
 
-    A user error (:data:`USER_ERRORS` and ``errors``) prints ``PROG: error: MESSAGE`` and
-    returns 2; ``exit_on_error`` raises ``SystemExit(2)`` instead, for a job whose ``main``
-    returns something other than a status.  With ``interrupted(args) -> message``, Ctrl-C
-    prints ``PROG: MESSAGE`` (how to resume) and gives status 130 (``None``: raised on).
+    A user error (:data:`USER_ERRORS` and ``errors``) prints ``PROG: error: MESSAGE`` (in the
+    CLI's option names: :func:`cli_message` with ``flags``) and returns 2; ``exit_on_error``
+    raises ``SystemExit(2)`` instead, for a job whose ``main`` returns something other than a
+    status.  With ``interrupted(args) -> message``, Ctrl-C prints ``PROG: MESSAGE`` (how to
+    resume) and gives status 130 (``None``: raised on).
     """
     add_verbose_option(parser)
     args = parser.parse_args(argv)
@@ -113,7 +153,7 @@ def run(parser: argparse.ArgumentParser, job: Callable, argv=None, *, errors: tu
             raise
         return _fail(parser, exit_on_error, 130, message)
     except USER_ERRORS + tuple(errors) as exc:
-        return _fail(parser, exit_on_error, 2, f"error: {exc}")
+        return _fail(parser, exit_on_error, 2, f"error: {cli_message(parser, str(exc), flags)}")
 
 
 def _fail(parser: argparse.ArgumentParser, exit_on_error: bool, status: int, message: str) -> int:

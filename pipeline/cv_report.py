@@ -26,7 +26,7 @@ from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
-from pipeline._common import run  # first: sets passive OpenMP waiting before XGBoost loads
+from pipeline._common import cli_message, run  # first: sets passive OpenMP waiting before XGBoost loads
 from pipeline._common import add_data_options, add_labels_option, load_data
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.evaluation.methods import command_line
@@ -182,7 +182,11 @@ def main(argv=None) -> dict:
     parser = build_parser()
     command = command_line("pipeline.cv_report", sys.argv[1:] if argv is None else argv)
     return run(parser, partial(report, parser, command=command), argv, errors=(DeviceUnavailableError,),
-               interrupted=_interrupted, exit_on_error=True, timestamps=True)
+               interrupted=_interrupted, exit_on_error=True, timestamps=True, flags=FLAGS)
+
+
+#: Library parameters under another option name here.
+FLAGS = {"stain_reference": "--two-stage-stain"}
 
 
 def _interrupted(args) -> str:
@@ -200,7 +204,7 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
         # With two_stage alone, the feature classifiers' list is empty: check the rest anyway.
         (config if config.classifiers else replace(config, classifiers=CLASSIFIER_NAMES[:1])).validate()
     except ValueError as exc:
-        parser.error(str(exc))
+        parser.error(cli_message(parser, str(exc), FLAGS))
 
     from features.store import load_store  # imported late: only the CLI needs the store format
     from classifiers.feature.presets import select_stores

@@ -117,9 +117,13 @@ def report(model, out: Path) -> str:
     return "\n".join(lines)
 
 
+#: Library parameters under another option name here.
+FLAGS = {"convention": "--coordinates", "outside='drop'": "--drop-outside-points"}
+
+
 def main(argv=None) -> int:
     """Run a subcommand; returns 0, or 2 with a message on bad input."""
-    return run(build_parser(), command, argv)
+    return run(build_parser(), command, argv, flags=FLAGS)
 
 
 def command(args) -> int:

@@ -333,7 +333,7 @@ def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=N
     """
     tables = list(tables)
     if not tables:
-        raise InputDataError("no feature store given; pass at least one --features STORE_DIR")
+        raise InputDataError("no feature store given; pass at least one in `stores`")
     configs = [dict(getattr(t, "config", None) or {}) for t in tables]
     names = list(names) if names is not None else _store_names(configs)
     if len(names) != len(tables) or len(set(names)) != len(names):

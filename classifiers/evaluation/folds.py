@@ -45,7 +45,7 @@ def check_fold_feasibility(image_labels, image_groups, n_folds: int) -> None:
         unit = "patient groups" if (frame["group"].nunique() < len(frame)) else "images"
         raise InputDataError(
             f"{len(short)} class(es) have fewer {unit} than folds ({n_folds}): {detail}. "
-            f"Use --folds {int(counts.min())} or fewer, a coarser --labels scheme that merges "
+            f"Use `n_folds={int(counts.min())}` or fewer, a coarser `scheme` that merges "
             "that class, or add images of that class."
         )
 

@@ -173,7 +173,7 @@ def fit_run_model_on_dask(dataset, spec: RunSpec, config: CVConfig, client,
         For a classifier other than XGBoost (the logistic regression is quick locally).
     """
     if spec.classifier != "xgboost":
-        raise ValueError(f"only xgboost trains on dask, not {spec.classifier!r}; train it without --dask")
+        raise ValueError(f"only xgboost trains on dask, not {spec.classifier!r}; train it without `dask`")
     template = make_classifier("xgboost", seed=config.seed, n_jobs=config.n_jobs, device=config.device)
     # Probe once for all blocks, not once per block.
     template.set_params(device=resolve_dask_device(client, config.device).device)

@@ -48,7 +48,7 @@ def _weights_advice(spec, config, local: Path | None) -> str:
     return (
         f"Use the weights file the model was made with ({wanted}, sha256 {config.weights_sha256}; "
         f"origin: {spec.weights_source}): copy it from the training machine{target}, or pass its "
-        f"path with --weights {config.backbone}=FILE (python API: weights={{'{config.backbone}': FILE}}); "
+        f"path with `weights` {config.backbone}=FILE (in Python weights={{'{config.backbone}': FILE}}); "
         "otherwise retrain the model on features extracted here."
     )
 
@@ -84,7 +84,7 @@ def check_weights(config, store_name: str, weights_override: str | None = None) 
         # local file, whose digest the error would print); only the registry's file or --weights.
         raise ModelCompatibilityError(
             f"store {store_name!r} ({config.backbone}): the model was made with the weights file "
-            f"{config.weights}; predict reads only the registry's weights or a file given with --weights. "
+            f"{config.weights}; predict reads only the registry's weights or a file given in `weights`. "
             + _weights_advice(spec, config, None)
         )
     try:
@@ -165,7 +165,7 @@ def reproducible_configs(model: TrainedModel, weights: dict | None = None) -> li
         configs.append(config)
     if weights:
         raise ModelCompatibilityError(
-            f"--weights given for {sorted(weights)}, which the model does not use "
+            f"`weights` given for {sorted(weights)}, which the model does not use "
             f"(its backbones: {', '.join(c.backbone for c in configs)})"
         )
     warn_version_differences(model, configs)

@@ -102,7 +102,7 @@ def detect_convention(xy: np.ndarray, source: str = "<dict>") -> str:
         raise AnnotationError(
             f"{source}: {in_unit.sum()} of {len(xy)} points are in [0, 1] (normalised coordinates) but "
             f"{(~in_unit).sum()} are not, e.g. (x, y) = {bad}; fix them, or state the convention "
-            "(--coordinates normalised|pixels) to get the points outside the image reported or dropped"
+            "(`convention='normalised'` or `convention='pixels'`) to get the points outside the image reported or dropped"
         )
     return "pixels"
 
@@ -166,7 +166,7 @@ def parse_annotations(
             raise AnnotationError(
                 f"{source}: {bad.sum()} {canon} point(s) outside the {width}x{height} image "
                 f"({used} coordinates), e.g. (x, y) = {xy[bad][0].tolist()}; fix the file or drop "
-                "such points (--drop-outside-points)")
+                "such points (`outside='drop'`)")
         dropped += [{"class": canon, "x": float(x), "y": float(y)} for x, y in xy[bad]]
         pix = xy[~bad] * to_pixels
         # On the right / bottom edge (x == width) means the last pixel.

@@ -339,7 +339,7 @@ class PatchCNN:
         from classifiers.predictions import predict_inputs
 
         if weights:
-            raise ValueError("--weights is for deep-feature models; a patch ConvNet holds its own weights")
+            raise ValueError("`weights` is for deep-feature models; a patch ConvNet holds its own weights")
         return predict_inputs(inputs, self._predict_paths)
 
     def _predict_paths(self, paths):

@@ -52,7 +52,7 @@ def extraction_defaults(directory: Path) -> dict:
 def _two_stage_missing() -> Path:
     raise WeightsNotFoundError(
         "the two_stage backbone has no default weights: give a trained two-stage model directory "
-        "with --two-stage-model DIR (made by python -m pipeline.two_stage train)"
+        "as `two_stage_model` (made by python -m pipeline.two_stage train)"
     )
 
 
@@ -77,7 +77,7 @@ def build_two_stage_features(weights_file: Path | None, input_shape=(None, None,
     import keras
 
     if weights_file is None:
-        raise ValueError("the two_stage backbone needs a trained model directory (--two-stage-model DIR)")
+        raise ValueError("the two_stage backbone needs a trained model directory (`two_stage_model`)")
     net = load_network(_patch_net_file(weights_file))
     inputs = keras.Input(input_shape, name="image")
     x, hidden = inputs, None

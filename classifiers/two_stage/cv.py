@@ -104,8 +104,8 @@ def preset_config(preset: str = "paper", overrides: dict | None = None, *, schem
     overrides = dict(overrides or {})
     reserved = sorted({"scheme", "seed", "stain"} & set(overrides))
     if reserved:
-        raise ValueError(f"the two-stage config may not set {reserved}: they come from --labels, --seed "
-                         "and --two-stage-stain")
+        raise ValueError(f"the two-stage config may not set {reserved}: they come from `scheme`, `seed` "
+                         "and `stain_reference`")
     record = {**TwoStageConfig().to_dict(), **PRESETS[preset], **overrides, "scheme": scheme, "seed": seed}
     return TwoStageConfig.from_dict(record)
 
@@ -164,11 +164,11 @@ def check_same_images(features: CVDataset, images: CVDataset) -> None:
         if a - b:
             parts.append(f"{len(a - b)} image(s) only in the feature store(s): {short_list(a - b)}")
         if b - a:
-            parts.append(f"{len(b - a)} image(s) only in --data: {short_list(b - a)}")
+            parts.append(f"{len(b - a)} image(s) only in `data`: {short_list(b - a)}")
         raise InputDataError(
-            "the feature store(s) and --data do not hold the same images (image ids are paths relative "
+            "the feature store(s) and `data` do not hold the same images (image ids are paths relative "
             "to the dataset folder or manifest): " + "; ".join(parts) + ". Extract the features from the "
-            "same folder or manifest as --data, or pass matching stores."
+            "same folder or manifest as `data`, or pass matching stores."
         )
     left = features.images.set_index("image_id")
     right = images.images.set_index("image_id").loc[left.index]
@@ -176,8 +176,8 @@ def check_same_images(features: CVDataset, images: CVDataset) -> None:
         differ = left.index[left[column].to_numpy() != right[column].to_numpy()]
         if len(differ):
             raise InputDataError(
-                f"the feature store(s) and --data disagree on the {column} of images {short_list(differ)}; "
-                "extract the features from the manifest given as --data (the folds depend on labels and groups)"
+                f"the feature store(s) and `data` disagree on the {column} of images {short_list(differ)}; "
+                "extract the features from the manifest given as `data` (the folds depend on labels and groups)"
             )
 
 
@@ -321,7 +321,7 @@ def _read_fold(fold_dir: Path, fingerprint: dict) -> dict | None:
     if record.get("fingerprint") != fingerprint:
         raise CheckpointMismatchError(
             f"'{fold_dir}' holds a two-stage fold trained with another config or other folds (images, "
-            "labels, groups, --folds, --seed); rerun with the same options, or use another --out (or "
+            "labels, groups, `n_folds`, `seed`); rerun with the same options, or use another `out` (or "
             "delete that directory) to start afresh"
         )
     return record

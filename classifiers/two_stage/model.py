@@ -776,7 +776,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         from classifiers.two_stage.cv import predict_two_stage_images
 
         if weights:
-            raise ValueError("--weights is for deep-feature models; a two-stage model holds its own weights")
+            raise ValueError("`weights` is for deep-feature models; a two-stage model holds its own weights")
         return predict_inputs(inputs, lambda paths: predict_two_stage_images(self, paths, ensemble=ensemble))
 
     def heatmaps(self, *, window=None, step=None, whole_image: str = "model", **_):

@@ -184,7 +184,7 @@ def test_grouped_folds_is_a_splitter_giving_the_same_folds_as_ever():
 
 def test_fold_feasibility_messages():
     labels = np.array(["a"] * 10 + ["b"] * 4)
-    with pytest.raises(InputDataError, match=r"fewer images than folds \(6\): 'b': 4\. Use --folds 4"):
+    with pytest.raises(InputDataError, match=r"fewer images than folds \(6\): 'b': 4\. Use `n_folds=4`"):
         check_fold_feasibility(labels, [f"i{i}" for i in range(14)], 6)
     groups = [f"p{i // 2}" for i in range(14)]  # 'b' has only 2 patients
     with pytest.raises(InputDataError, match="fewer patient groups than folds.*'b': 2"):

@@ -213,7 +213,7 @@ def test_class_with_fewer_groups_than_folds_fails_before_training(monkeypatch):
 
     monkeypatch.setattr(experiment, "fit_run_model", no_training)
     table = synthetic_table((10, 10, 3, 10))
-    with pytest.raises(InputDataError, match=r"fewer images than folds \(6\): 'insitu': 3\. Use --folds 3"):
+    with pytest.raises(InputDataError, match=r"fewer images than folds \(6\): 'insitu': 3\. Use `n_folds=3`"):
         _cv([table], CVConfig(n_folds=6))
     # Grouping by patient counts patients, not images.
     table = synthetic_table((12, 12, 12, 12), patients=lambda i: f"p{i // 4}")

@@ -287,7 +287,7 @@ def test_weights_file_checks_and_override(logreg_dir, tmp_path, capsys):
     other.write_bytes(b"somebody else's weights")
     with pytest.raises(ModelCompatibilityError, match=f"{other}, has sha256 {file_sha256(other)}"):
         reproducible_configs(model, {"efficientnet_lite0": str(other)})
-    with pytest.raises(ModelCompatibilityError, match=r"--weights given for \['resnet50'\]"):
+    with pytest.raises(ModelCompatibilityError, match=r"`weights` given for \['resnet50'\]"):
         reproducible_configs(model, {"efficientnet_lite0": str(weights), "resnet50": str(weights)})
     assert predict_cli.main(["--model", str(moved), str(tmp_path), "--weights", f"efficientnet_lite0={other}",
                              "--out", str(tmp_path / "p.csv")]) == 2

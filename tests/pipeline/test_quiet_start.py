@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline._common import cli_message
 from pipeline._quiet import is_noise
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,12 +73,24 @@ def test_every_cli_has_verbose(module, capsys):
     assert not re.search(r"\(default [^()]*\) \(default: ", text)
 
 
-def test_two_class_labels_error_names_the_cli_flag():
+def test_two_class_labels_error_names_the_parameter_and_the_cli_its_flag():
     from data.labels import map_labels
+    from pipeline import cv_report
 
     with pytest.raises(ValueError) as err:
         map_labels(["benign", "malignant", "benign"], "bach4")
-    assert "--labels" in str(err.value) and "source_scheme" not in str(err.value)
+    assert "`scheme`" in str(err.value) and "source_scheme" not in str(err.value)
+    assert "schemes: --labels)" in cli_message(cv_report.build_parser(), str(err.value))
+
+
+def test_cli_message_puts_library_parameters_in_the_cli_words():
+    from pipeline import cv_report, patch_cnn
+
+    parser = cv_report.build_parser()
+    assert cli_message(parser, "Use `n_folds=3` or `out` x; `window` `stain_reference`", cv_report.FLAGS) == (
+        "Use --folds 3 or --out x; `window` --two-stage-stain")  # no --window in cv_report: kept
+    assert cli_message(patch_cnn.build_parser(), "(`convention='pixels'`) (`outside='drop'`)", patch_cnn.FLAGS) == (
+        "(--coordinates pixels) (--drop-outside-points)")  # options of a sub-command count
 
 
 def test_a_worker_holding_stderr_does_not_delay_the_exit(tmp_path):
