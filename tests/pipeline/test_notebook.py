@@ -125,7 +125,7 @@ def test_walkthrough_draws_a_heatmap(executed):
 def test_walkthrough_reads_a_breakhis_shaped_set_by_patient_and_magnification(executed):
     nb, run = executed
     listed = _text(_cell(nb.cells, "from data import load_dataset, write_breakhis"))
-    assert "32 images, 15 patients, magnifications ['40', '100']" in listed
+    assert "32 images, 15 patients, magnifications ['200', '400']" in listed
     shown = _text(_cell(nb.cells, "bh_features = extract_features("))
     metrics = json.loads((run / "breakhis-report" / "metrics.json").read_text())
     run_ = metrics["runs"]["logreg"]["majority"]
@@ -134,4 +134,4 @@ def test_walkthrough_reads_a_breakhis_shaped_set_by_patient_and_magnification(ex
             f"{run_['patient_accuracy']:.3f} over 15 patients") in shown
     folds = pd.read_csv(run / "breakhis-report" / "folds.csv", dtype=str)
     assert folds.groupby("group")["fold"].nunique().max() == 1
-    assert [m["magnification"] for m in run_["magnification"]] == ["40", "100", "all"]
+    assert [m["magnification"] for m in run_["magnification"]] == ["200", "400", "all"]
