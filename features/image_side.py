@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import closing
@@ -100,7 +102,8 @@ def prepared_images(rows, config: ExtractionConfig, prep: Preprocessing, workers
         return
     pending: deque = deque()
     rows = iter(rows)
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context())
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_worker_context(),
+                               initializer=_exit_with, initargs=(os.getpid(),))
     try:
         while True:
             while len(pending) < 2 * workers and (row := next(rows, None)) is not None:
@@ -112,6 +115,26 @@ def prepared_images(rows, config: ExtractionConfig, prep: Preprocessing, workers
             yield row, future.result()
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _exit_with(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """Worker initializer: leave as soon as the extracting process is gone.
+
+    After a ``kill -9`` nothing shuts the pool down, and a worker waiting for its next task
+    would wait forever (it holds a write end of its own task queue, so it never reads an end
+    of file); the fork server would stay with it.
+    """
+    def watch():
+        while True:
+            time.sleep(poll_seconds)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:  # alive, owned by someone else
+                pass
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _worker_context():

@@ -126,6 +126,28 @@ def test_default_workers_leave_a_core_to_the_backbone(monkeypatch):
         assert default_workers() == expected
 
 
+def _descendants(pid: int) -> list:
+    """Processes below ``pid`` (Linux ``/proc``; empty elsewhere)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_kill_9_mid_run_loses_no_finished_image(dataset_dir, clean_store, tmp_path, workers):
     out = tmp_path / "store"
@@ -141,10 +163,16 @@ def test_kill_9_mid_run_loses_no_finished_image(dataset_dir, clean_store, tmp_pa
         if len(records()) >= 2:
             break
         time.sleep(0.05)
+    helpers = _descendants(proc.pid)  # the workers (and their fork server) with --workers 2
+    assert len(helpers) >= 2 or workers == 1 or not Path("/proc").is_dir()
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finished = len(records())
     assert finished >= 2
+    deadline = time.time() + 120  # the workers notice within a second or so
+    while time.time() < deadline and any(_alive(pid) for pid in helpers):
+        time.sleep(0.2)
+    assert not [pid for pid in helpers if _alive(pid)], "worker processes outlived a kill -9"
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert f"already in the store: {min(finished, 8)}" in done.stdout
