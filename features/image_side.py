@@ -114,7 +114,7 @@ def prepared_images(rows, config: ExtractionConfig, prep: Preprocessing, workers
             row, future = pending.popleft()
             yield row, future.result()
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=True, cancel_futures=True)  # at most the images in progress
 
 
 def _exit_with(parent_pid: int, poll_seconds: float = 1.0) -> None:
