@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from data.labels import class_names
 from data.synthetic import write_dataset
 
 # --------------------------------------------------------------------------
@@ -75,3 +76,73 @@ def prediction_columns(classes) -> list:
     """The columns of ``predictions.csv`` (pipeline.predict) for a model of ``classes``, any kind."""
     return (["image", "prediction", "prediction_mean_proba", "n_aug"] + [f"proba_{c}" for c in classes]
             + [f"votes_{c}" for c in classes] + ["stain_note", "confidence", "low_confidence"])
+
+
+# --------------------------------------------------------------------------
+# classifiers: synthetic feature tables and stores (no images, no backbone)
+# --------------------------------------------------------------------------
+
+BACH4 = class_names("bach4")
+
+
+def synthetic_table(
+    n_per_class=(12, 12, 12, 12),
+    *,
+    classes=BACH4,
+    n_aug=4,
+    n_features=8,
+    signal=4.0,
+    patients=None,
+    seed=0,
+    backbone="synthetic",
+):
+    """A FeatureTable of synthetic features: class ``i`` shifts feature ``i`` by ``signal``.
+
+    Each image has its own random centre (image-to-image variation) and its
+    augmentations scatter around it.  ``patients`` maps image index -> group;
+    by default each image is its own group.  Rows are shuffled so that the
+    code cannot rely on the store's order.
+    """
+    import numpy as np
+    import pandas as pd
+    from features.store import FeatureTable
+
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    index = 0
+    for ci, (cls, n) in enumerate(zip(classes, n_per_class)):
+        for i in range(n):
+            image_id = f"{cls}-{i:03d}"
+            group = patients(index) if patients else image_id
+            centre = rng.normal(scale=0.5, size=n_features)
+            centre[ci % n_features] += signal
+            for aug in range(n_aug):
+                rows.append((image_id, cls, group, aug, f"/data/{image_id}.tif"))
+                X.append(centre + rng.normal(scale=0.3, size=n_features))
+            index += 1
+    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path"])
+    order = rng.permutation(len(meta))
+    return FeatureTable(
+        meta=meta.iloc[order].reset_index(drop=True),
+        X=np.asarray(X, dtype=np.float32)[order],
+        config={"backbone": backbone, "config_hash": f"{seed:064x}"},
+    )
+
+
+def write_store(root, table, backbone) -> Path:
+    """Write a :func:`synthetic_table` as a feature store of ``backbone`` under ``root``; its path."""
+    from features import store as store_mod
+    from features.config import ExtractionConfig
+
+    n_aug = int(table.meta.groupby("image_id").size().iloc[0])
+    store = store_mod.FeatureStore(root, ExtractionConfig(backbone=backbone, weights="none", augmentations=n_aug)).open()
+    for image_id, rows in table.meta.groupby("image_id"):
+        rows = rows.sort_values("aug")
+        first = rows.iloc[0]
+        store.write(
+            store_mod.make_record(
+                image_id=image_id, label=first["label"], group=first["group"], path=first["path"],
+                source_sha256="0" * 64, features=table.X[rows.index.to_numpy()], stain_note="",
+            )
+        )
+    return store.path

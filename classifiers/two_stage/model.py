@@ -539,7 +539,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         arrays = store.load_arrays("image_inputs") if store is not None else None
         if arrays is None:
             x_train, y_train = self._image_training_inputs(images, labels, train)
-            x_val = np.stack([self._stacks(images.get(i), [0])[0] for i in val]) if len(val) else x_train[:0]
+            x_val = np.stack([self.view_stacks(images.get(i), [0])[0] for i in val]) if len(val) else x_train[:0]
             arrays = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": labels[val]}
             if store is not None:
                 store.save_arrays("image_inputs", **arrays)
@@ -582,14 +582,15 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
             image = images.get(i)
             for t, j in zip(transforms[0], jitter[0]):
                 view = training.color_jitter(image, rng, cfg.color_jitter) if j else image
-                xs.append(self._stacks(view, [int(t)])[0])
+                xs.append(self.view_stacks(view, [int(t)])[0])
                 ys.append(labels[i])
         return np.stack(xs), np.asarray(ys)
 
     # -- inference ---------------------------------------------------------------------------------
 
-    def _patch_outputs(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Maps ``(N, m, m, C)`` and probabilities ``(N, n_classes)`` of ``(N, k, k, 3)`` patches."""
+    def patch_outputs(self, patches: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The patch-wise network on patches: maps ``(N, m, m, C)`` and class probabilities
+        ``(N, n_classes)`` of ``(N, k, k, 3)`` preprocessed patches (every prediction's first step)."""
         import keras
 
         if getattr(self, "_outputs", None) is None:
@@ -605,12 +606,14 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         grid = extract_patches(image, k, k)
         n = grid.shape[0] * grid.shape[1]
         views = [dihedral_grid(grid, t) for t in transforms]
-        maps, proba = self._patch_outputs(np.concatenate([v.reshape(-1, k, k, 3) for v in views]))
+        maps, proba = self.patch_outputs(np.concatenate([v.reshape(-1, k, k, 3) for v in views]))
         return [(maps[i * n:(i + 1) * n].reshape(v.shape[:2] + maps.shape[1:]), proba[i * n:(i + 1) * n])
                 for i, v in enumerate(views)]
 
-    def _stacks(self, image: np.ndarray, transforms: Sequence[int]) -> list[np.ndarray]:
-        """Image-wise network inputs of the given views, in the trained grid orientation."""
+    def view_stacks(self, image: np.ndarray, transforms: Sequence[int]) -> list[np.ndarray]:
+        """The image-wise network's input for each view of a preprocessed image: its patches'
+        maps after dihedral transform ``t`` (0-7) stacked in the trained grid orientation; the
+        ensemble averages the image-wise network over these."""
         return [stack_maps(orient_grid(maps, self.grid_)) for maps, _ in self._views(image, transforms)]
 
     def _transforms(self, ensemble: bool | None) -> list[int]:

@@ -12,7 +12,7 @@ from classifiers import CVConfig, InputDataError, build_dataset, run_cross_valid
 from classifiers.evaluation.levels import level_accuracy, prediction_levels, truth_in
 from classifiers.evaluation.patients import magnification_table, patient_accuracy, patient_table
 from data.mapping import builtin_scheme, load_mapping, resolve_scheme
-from test_cv_report import synthetic_table
+from conftest import synthetic_table
 
 THREADS = {"n_jobs": 1}
 GRADES = ("grade1", "grade2", "grade3")

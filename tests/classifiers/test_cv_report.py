@@ -12,54 +12,13 @@ from classifiers.evaluation import cross_validation as experiment
 from classifiers.evaluation.cv_dataset import InputDataError, build_dataset
 from classifiers.evaluation.cross_validation import CVConfig, fit_run_model, plan_runs, run_cross_validation
 from classifiers.evaluation.report import write_report
-from data.labels import class_names
 from features.store import FeatureTable
+from conftest import BACH4, synthetic_table, write_store
 
-BACH4 = class_names("bach4")
 LOGREG = CVConfig(classifiers=("logreg",))  # the fast classifier, for tests about plumbing
 # One XGBoost thread in tests: the 2 cores are shared, and OpenMP threads stall badly when
 # oversubscribed; the production default stays n_jobs=2.
 THREADS = {"n_jobs": 1}
-
-
-def synthetic_table(
-    n_per_class=(12, 12, 12, 12),
-    *,
-    classes=BACH4,
-    n_aug=4,
-    n_features=8,
-    signal=4.0,
-    patients=None,
-    seed=0,
-    backbone="synthetic",
-):
-    """A FeatureTable of synthetic features: class ``i`` shifts feature ``i`` by ``signal``.
-
-    Each image has its own random centre (image-to-image variation) and its
-    augmentations scatter around it.  ``patients`` maps image index -> group;
-    by default each image is its own group.  Rows are shuffled so that the
-    code cannot rely on the store's order.
-    """
-    rng = np.random.default_rng(seed)
-    rows, X = [], []
-    index = 0
-    for ci, (cls, n) in enumerate(zip(classes, n_per_class)):
-        for i in range(n):
-            image_id = f"{cls}-{i:03d}"
-            group = patients(index) if patients else image_id
-            centre = rng.normal(scale=0.5, size=n_features)
-            centre[ci % n_features] += signal
-            for aug in range(n_aug):
-                rows.append((image_id, cls, group, aug, f"/data/{image_id}.tif"))
-                X.append(centre + rng.normal(scale=0.3, size=n_features))
-            index += 1
-    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path"])
-    order = rng.permutation(len(meta))
-    return FeatureTable(
-        meta=meta.iloc[order].reset_index(drop=True),
-        X=np.asarray(X, dtype=np.float32)[order],
-        config={"backbone": backbone, "config_hash": f"{seed:064x}"},
-    )
 
 
 def _cv(tables, config):
@@ -340,29 +299,11 @@ def test_report_html_is_self_contained(report):
 # --- command line -----------------------------------------------------------------------------
 
 
-def _write_store(root, table, backbone):
-    store_mod = pytest.importorskip("features.store", reason="features.store (the store writer) is not there yet")
-    from features.config import ExtractionConfig
-
-    n_aug = int(table.meta.groupby("image_id").size().iloc[0])
-    store = store_mod.FeatureStore(root, ExtractionConfig(backbone=backbone, weights="none", augmentations=n_aug)).open()
-    for image_id, rows in table.meta.groupby("image_id"):
-        rows = rows.sort_values("aug")
-        first = rows.iloc[0]
-        store.write(
-            store_mod.make_record(
-                image_id=image_id, label=first["label"], group=first["group"], path=first["path"],
-                source_sha256="0" * 64, features=table.X[rows.index.to_numpy()], stain_note="",
-            )
-        )
-    return store.path
-
-
 def test_cli_runs_on_written_stores(tmp_path, capsys):
     from pipeline.cv_report import main
 
-    a = _write_store(tmp_path / "stores", synthetic_table(seed=1), "resnet50")
-    b = _write_store(tmp_path / "stores", synthetic_table(seed=2, n_features=6), "xception")
+    a = write_store(tmp_path / "stores", synthetic_table(seed=1), "resnet50")
+    b = write_store(tmp_path / "stores", synthetic_table(seed=2, n_features=6), "xception")
     out = tmp_path / "report"
     written = main(["--features", str(a), str(b), "--out", str(out), "--labels", "binary", "--folds", "4",
                     "--classifier", "logreg", "--fusion", "concat,mean-proba", "--seed", "1"])
@@ -385,7 +326,7 @@ def test_cli_runs_on_written_stores(tmp_path, capsys):
 def test_cli_input_error_exits_with_message(tmp_path, capsys):
     from pipeline.cv_report import main
 
-    a = _write_store(tmp_path / "stores", synthetic_table((3, 3, 3, 3)), "resnet50")
+    a = write_store(tmp_path / "stores", synthetic_table((3, 3, 3, 3)), "resnet50")
     with pytest.raises(SystemExit) as exit_info:
         main(["--features", str(a), "--out", str(tmp_path / "r"), "--classifier", "logreg"])
     assert exit_info.value.code == 2

@@ -14,7 +14,7 @@ from classifiers.feature.presets import PRESETS, PresetStoreError, get_preset, s
 from classifiers.evaluation.repeated import ensemble_markdown, ensemble_table, run_repeated_cv
 from classifiers.feature.tuning import PARAM_GRIDS, InnerCVClassifier
 from data.labels import map_labels
-from test_cv_report import _write_store, synthetic_table
+from conftest import synthetic_table, write_store
 
 LOGREG_TUNED = CVConfig(classifiers=("logreg",), tune=True)
 
@@ -136,7 +136,7 @@ def test_repeated_seeds_must_be_distinct():
 def test_cli_seeds_writes_a_report_per_seed_and_the_table(tmp_path, capsys):
     from pipeline.cv_report import main
 
-    store = _write_store(tmp_path / "stores", synthetic_table(seed=1), "resnet50")
+    store = write_store(tmp_path / "stores", synthetic_table(seed=1), "resnet50")
     out = tmp_path / "r"
     main(["--features", str(store), "--out", str(out), "--classifier", "logreg", "--folds", "4",
           "--seeds", "3", "5", "--tune"])

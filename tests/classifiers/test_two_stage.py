@@ -280,14 +280,14 @@ def _match(stacks_a, stacks_b) -> list[int]:
 def test_ensemble_is_invariant_to_quarter_turns_of_a_non_square_image(fitted, data_table):
     model = fitted
     image = model.load_image(data_table["path"][0])  # 192 x 256: a 3 x 4 grid
-    stacks = model._stacks(image, range(8))
+    stacks = model.view_stacks(image, range(8))
     # The 8 image-wise inputs are all different: 8 genuine ensemble members.
     assert len(set(_match(stacks, stacks))) == 8
     proba = model.predict_proba(image, ensemble=True)
     for t in (1, 4, 7):  # quarter-turned (portrait, 4 x 3 grid), mirrored, anti-transposed
         turned = np.ascontiguousarray(P.dihedral(image, t))
         # ... have the same 8 views, so the same ensemble prediction.
-        assert sorted(_match(model._stacks(turned, range(8)), stacks)) == list(range(8))
+        assert sorted(_match(model.view_stacks(turned, range(8)), stacks)) == list(range(8))
         np.testing.assert_allclose(model.predict_proba(turned, ensemble=True), proba, atol=GATE)
 
 
@@ -296,11 +296,11 @@ def test_ensemble_of_a_rotation_invariant_input_equals_a_single_pass():
     base = np.random.default_rng(0).integers(0, 256, (128, 128, 3)).astype(np.int64)
     symmetric = (sum(P.dihedral(base, t) for t in range(8)) // 8).astype(np.uint8)
     np.testing.assert_array_equal(P.dihedral(symmetric, 1), symmetric)
-    assert _match(model._stacks(symmetric, range(8)), model._stacks(symmetric, [0])) == [0] * 8
+    assert _match(model.view_stacks(symmetric, range(8)), model.view_stacks(symmetric, [0])) == [0] * 8
     for method in METHODS:
         np.testing.assert_allclose(model.predict_proba(symmetric, method, ensemble=True),
                                    model.predict_proba(symmetric, method, ensemble=False), atol=GATE)
-    assert len(set(_match(model._stacks(base.astype(np.uint8), range(8)), model._stacks(base.astype(np.uint8),
+    assert len(set(_match(model.view_stacks(base.astype(np.uint8), range(8)), model.view_stacks(base.astype(np.uint8),
                                                                                          range(8))))) == 8
 
 
@@ -313,9 +313,9 @@ def test_views_of_non_square_images_keep_the_trained_layout(monkeypatch):
         maps = patches.reshape(len(patches), 8, 8, 8, 8, 3).mean(axis=(2, 4))[..., :1]
         return maps, np.full((len(patches), 4), 0.25)
 
-    monkeypatch.setattr(model, "_patch_outputs", pooled)
+    monkeypatch.setattr(model, "patch_outputs", pooled)
     image = np.random.default_rng(0).integers(0, 256, (128, 192, 3)).astype(np.uint8)
-    stacks = model._stacks(image, range(8))
+    stacks = model.view_stacks(image, range(8))
     reference = pooled(P.extract_patches(image, 64, 64).reshape(-1, 64, 64, 3))[0].reshape(2, 3, 8, 8, 1)
     expected = {t: P.stack_maps(P.dihedral_grid(reference, t)) for t in (0, 2, 4, 6)}  # keep 2 x 3
     probe = np.arange(6).reshape(2, 3)

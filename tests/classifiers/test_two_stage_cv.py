@@ -193,7 +193,7 @@ def test_two_stage_backbone_gives_the_maps_and_hidden_features(fold_model):
     patches = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3)).astype(np.float32)
     out = np.asarray(net(patches, training=False))
     assert out.shape == (3, 4, 4, 1 + 16 * 2)  # C maps, then the 16 w channels they are made of
-    maps, _ = model._patch_outputs(patches)
+    maps, _ = model.patch_outputs(patches)
     np.testing.assert_allclose(out[..., :1], maps, atol=1e-5)
     # Fully convolutional: a larger input is accepted (crops of any size, shared-map mode).
     assert np.asarray(net(np.zeros((1, 64, 96, 3), np.float32))).shape == (1, 8, 12, 33)
