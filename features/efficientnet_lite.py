@@ -70,17 +70,8 @@ def _round_filters(filters, width, divisor=8):
 
 
 def feature_dim(variant="lite0"):
-    """Length of the pooled feature vector; 1280 for every variant (fixed head).
-
-    Parameters
-    ----------
-    variant : str, optional
-        One of ``VARIANTS``.
-
-    Returns
-    -------
-    int
-    """
+    """Length of the pooled feature vector of ``variant`` (one of ``VARIANTS``): 1280 for every
+    variant (fixed head)."""
     _check_variant(variant)
     return _HEAD_FILTERS
 
