@@ -576,13 +576,16 @@ def _producer(rows, config, out: queue.Queue, stop: threading.Event, workers: in
         out.put(_END)
 
 
-def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtractor,
+def iter_image_features(rows, config: ExtractionConfig, extractor,
                         summary: ExtractionSummary, prefetch: int = 4, workers: int = 1):
     """Yield ``(row, features (n_aug, dim), stain_note)`` per readable image, in order.
 
     Unreadable images are appended to ``summary.skipped`` and not yielded.  ``workers``
     processes decode and normalise the next images (:mod:`features.image_side`; 1: this
-    function's producer thread does it); the features do not depend on it.
+    function's producer thread does it); the features do not depend on it.  ``extractor`` is a
+    :class:`FeatureExtractor` or a callable returning one: it is then called once the image
+    side has started, so the first image is decoded and stain-normalised while the backbone
+    builds (a prediction's latency).
     """
     items: queue.Queue = queue.Queue(maxsize=prefetch)
     stop = threading.Event()
@@ -591,6 +594,8 @@ def iter_image_features(rows, config: ExtractionConfig, extractor: FeatureExtrac
     thread.start()
     row, pooled = None, None
     try:
+        if not isinstance(extractor, FeatureExtractor):
+            extractor = extractor()
         while (item := items.get()) is not _END:
             kind = item[0]
             if kind == "start":
@@ -759,12 +764,18 @@ def extract_in_memory(
 ) -> tuple[FeatureTable, ExtractionSummary]:
     """Extract features without a store (prediction on new images), with ``config.batch_size``
     unless ``batch_size`` is given."""
-    extractor = FeatureExtractor(config, batch_size=batch_size)
-    summary = ExtractionSummary(device=extractor.device)
+    summary = ExtractionSummary()
+    built = []
+
+    def build() -> FeatureExtractor:  # called once the image side runs: the two overlap
+        built.append(FeatureExtractor(config, batch_size=batch_size))
+        summary.device = built[0].device
+        return built[0]
+
     rows, blocks = [], []
     start = time.perf_counter()
     rows_in = list(dataset.itertuples(index=False))
-    for row, feats, note in tqdm(iter_image_features(rows_in, config, extractor, summary),
+    for row, feats, note in tqdm(iter_image_features(rows_in, config, build, summary),
                                  total=len(rows_in), disable=not progress, unit="img"):
         for aug in range(len(feats)):
             rows.append((row.image_id, row.label, row.group, aug, row.path, note, _magnification(row), ""))
@@ -773,6 +784,6 @@ def extract_in_memory(
             summary.unnormalized.append({"image_id": row.image_id, "reason": note})
     summary.seconds = time.perf_counter() - start
     meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
-    X = np.concatenate(blocks) if blocks else np.zeros((0, extractor.model.output_shape[-1]), np.float32)
+    X = np.concatenate(blocks) if blocks else np.zeros((0, built[0].model.output_shape[-1]), np.float32)
     record = {**config.to_dict(), "config_hash": config.config_hash}
     return FeatureTable(meta=meta, X=X, config=record), summary

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import replace
 
 import numpy as np
@@ -37,6 +38,39 @@ def test_in_memory_features_reproduce_the_store_with_its_batch_size(tiny_dataset
     stored = load_store(tmp_path)
     table, _ = extract_in_memory(tiny_dataset, config)  # as predict calls it: no batch size given
     np.testing.assert_array_equal(table.X, stored.X)
+
+
+def test_in_memory_extraction_decodes_the_first_image_while_the_backbone_builds(tiny_dataset, monkeypatch):
+    """Issue 16 item 5: predict's image side (decode + Macenko) starts before the model build,
+    and the features are those of a backbone built first (the store's path)."""
+    tiny = {k: v for k, v in TINY.items() if k != "stain_reference"}  # the default: Macenko on
+    config = make_config(tiny_dataset, **tiny)
+    first_image = threading.Event()
+    host_items = extract_mod.iter_host_items
+
+    def watched(*args, **kwargs):
+        for item in host_items(*args, **kwargs):
+            if item[0] == "image":  # decoded and stain-normalised
+                first_image.set()
+            yield item
+
+    seen = []
+
+    class Extractor(extract_mod.FeatureExtractor):
+        def __init__(self, *args, **kwargs):
+            seen.append(first_image.wait(timeout=60))  # never set if the build came first
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(extract_mod, "iter_host_items", watched)
+    monkeypatch.setattr(extract_mod, "FeatureExtractor", Extractor)
+    table, summary = extract_in_memory(tiny_dataset, config)
+    assert seen == [True] and summary.device.startswith("CPU")
+    monkeypatch.undo()
+    extractor = extract_mod.FeatureExtractor(config)  # built before any image is read
+    expected = [f for _, f, _ in extract_mod.iter_image_features(
+        list(tiny_dataset.itertuples(index=False)), config, extractor, extract_mod.ExtractionSummary())]
+    assert table.X.shape == (2 * len(tiny_dataset), 1280)
+    np.testing.assert_array_equal(table.X, np.concatenate(expected))
 
 
 # -- item 10: an image too small for the backbone is skipped, the run goes on -------------
