@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, CVResult, run_cross_validation
-from classifiers.evaluation.cv_dataset import CVDataset, build_dataset
+from classifiers.evaluation.cv_dataset import CVDataset, InputDataError, build_dataset
 
 
 def load_features(stores: Sequence, scheme: str = "auto", *, regroup: Sequence = (), magnification=None) -> CVDataset:
@@ -35,9 +35,10 @@ def load_features(stores: Sequence, scheme: str = "auto", *, regroup: Sequence =
                          regroup=regroup, magnification=magnification)
 
 
-def cross_validate(stores: Sequence, *, scheme: str = "auto", n_folds: int = 6, seed: int = 0,
+def cross_validate(stores: Sequence = (), *, scheme: str = "auto", n_folds: int = 6, seed: int = 0,
                    classifiers: Sequence[str] = ("xgboost", "logreg"), fusion: Sequence[str] = FUSION_CHOICES,
-                   regroup: Sequence = (), magnification=None, **options) -> CVResult:
+                   regroup: Sequence = (), magnification=None, data=None, two_stage: str | dict | None = None,
+                   two_stage_dir=None, two_stage_stain: str = "none", **options) -> CVResult:
     """Grouped, stratified ``n_folds``-fold CV of each classifier on the stores (``pipeline.cv_report``).
 
     ``scheme``: ``auto`` (bach4 for BACH, benign/malignant for BreakHis, else the classes as
@@ -45,12 +46,56 @@ def cross_validate(stores: Sequence, *, scheme: str = "auto", n_folds: int = 6, 
     :func:`load_features`.  ``options``: the other
     :class:`~classifiers.evaluation.cross_validation.CVConfig` fields (``n_jobs``, ``device``,
     ``tune``).  Write the report with :func:`write_report`.
+
+    With ``two_stage`` (a preset of :data:`classifiers.two_stage.cv.PRESETS`, or a dict of
+    :class:`~classifiers.two_stage.model.TwoStageConfig` fields with an optional ``"preset"``),
+    the two-stage CNN is cross-validated too, on the images of ``data`` (a folder or manifest, or
+    a :func:`data.load_dataset` table) and on the stores' folds; its fold directories go in
+    ``two_stage_dir`` (a rerun resumes them) and ``two_stage_stain`` is its stain reference
+    (``none``, ``auto``, an image).  ``pipeline.cv_report --classifier two_stage`` runs this.
     """
     config = CVConfig(scheme=scheme, n_folds=n_folds, classifiers=tuple(classifiers), fusion=tuple(fusion),
                       seed=seed, **options)
     config.validate()
-    return run_cross_validation(load_features(stores, scheme, regroup=regroup, magnification=magnification),
-                                config)
+    if two_stage is None:
+        return run_cross_validation(load_features(stores, scheme, regroup=regroup, magnification=magnification),
+                                    config)
+    from data.datasets import load_dataset
+    from features.store import load_store
+
+    if data is None or two_stage_dir is None:
+        raise ValueError("the two-stage CNN is cross-validated on images: give `data` and `two_stage_dir`")
+    if isinstance(data, (str, os.PathLike)):
+        data = load_dataset(data, scheme=scheme, magnification=magnification)
+    overrides = {"preset": two_stage} if isinstance(two_stage, str) else dict(two_stage)
+    tables = [load_store(s) if isinstance(s, (str, os.PathLike)) else s for s in stores]
+    return cross_validate_two_stage(data, tables, config, two_stage_dir, preset=overrides.pop("preset", "paper"),
+                                    overrides=overrides, stain_reference=two_stage_stain)
+
+
+def cross_validate_two_stage(data, tables: Sequence, config: CVConfig, out_dir, *, preset: str = "paper",
+                             overrides: dict | None = None, stain_reference: str = "none",
+                             keep_checkpoints: bool = False, progress: bool = False) -> CVResult:
+    """The two-stage CNN in ``config``'s scheme and seed (``preset`` + ``overrides``) on the images
+    of the table ``data``, with the feature classifiers of ``config`` on ``tables`` (may be empty)
+    on the same folds: :func:`classifiers.two_stage.cv.run_two_stage_cross_validation`."""
+    import json
+    import logging
+
+    from classifiers.two_stage import cv as two_stage_cv
+    from data.mapping import resolve_scheme
+
+    scheme = resolve_scheme(config.scheme, data["label"])
+    try:
+        two_stage = two_stage_cv.preset_config(preset, overrides, scheme=scheme.name if scheme.builtin
+                                               else scheme.to_dict(), seed=config.seed)
+    except (ValueError, TypeError) as exc:  # unknown preset, unknown or invalid fields
+        raise InputDataError(f"`two_stage`: {exc}") from None
+    logging.getLogger("classifiers.two_stage.cv").info(
+        "two-stage CNN config: %s", json.dumps({k: v for k, v in two_stage.to_dict().items() if k != "stain"}))
+    return two_stage_cv.run_two_stage_cross_validation(data, two_stage, config, Path(out_dir), tables=tables,
+                                                       stain_reference=stain_reference,
+                                                       keep_checkpoints=keep_checkpoints, progress=progress)
 
 
 def train(stores: Sequence, out=None, *, scheme: str = "auto", classifier: str = "xgboost",

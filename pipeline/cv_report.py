@@ -186,7 +186,7 @@ def main(argv=None) -> dict:
 
 
 #: Library parameters under another option name here.
-FLAGS = {"stain_reference": "--two-stage-stain"}
+FLAGS = {"stain_reference": "--two-stage-stain", "two_stage": "--two-stage-config"}
 
 
 def _interrupted(args) -> str:
@@ -265,28 +265,21 @@ def _repeated(dataset, config: CVConfig, seeds, out, command: str | None = None)
 
 def _two_stage(args, config: CVConfig, tables):
     """Cross-validate the two-stage CNN (and the feature classifiers on `tables`) on shared folds."""
-    from classifiers.two_stage import cv as two_stage_cv
-    from data.mapping import resolve_scheme
+    from classifiers.api import cross_validate_two_stage
 
     data = load_data(args, scheme=config.scheme)
-    scheme = resolve_scheme(config.scheme, data["label"])
     if args.breakhis_patients:  # the stores' groups as the data's
         from classifiers.evaluation.cv_dataset import with_breakhis_patients
 
         tables = [with_breakhis_patients(t, args.breakhis_patients) for t in tables]
     try:
-        two_stage = two_stage_cv.preset_config(args.two_stage_preset, two_stage_overrides(args.two_stage_config),
-                                               scheme=scheme.name if scheme.builtin else scheme.to_dict(),
-                                               seed=config.seed)
-    except (ValueError, TypeError) as exc:  # bad JSON, unknown or invalid fields
+        overrides = two_stage_overrides(args.two_stage_config)
+    except ValueError as exc:  # bad JSON
         raise InputDataError(f"--two-stage-config: {exc}") from None
-    logger.info("two-stage CNN config: %s", json.dumps({k: v for k, v in two_stage.to_dict().items()
-                                                        if k != "stain"}))
-    return two_stage_cv.run_two_stage_cross_validation(
-        data, two_stage, config, Path(args.out) / "two_stage_folds", tables=tables,
-        stain_reference=args.two_stage_stain, keep_checkpoints=args.two_stage_keep_checkpoints,
-        progress=args.progress)
-
+    return cross_validate_two_stage(data, tables, config, Path(args.out) / "two_stage_folds",
+                                    preset=args.two_stage_preset, overrides=overrides,
+                                    stain_reference=args.two_stage_stain,
+                                    keep_checkpoints=args.two_stage_keep_checkpoints, progress=args.progress)
 
 if __name__ == "__main__":
     main()

@@ -146,6 +146,30 @@ def test_rerun_reuses_finished_folds_and_refuses_another_config(report, data_dir
     assert "another config or other folds" in capsys.readouterr().err
 
 
+def test_python_api_cross_validates_the_two_stage_cnn_on_the_same_path(report, data_dir, tmp_path, monkeypatch):
+    from classifiers import cross_validate, write_report
+
+    folds_dir = tmp_path / "folds"
+    shutil.copytree(report / "two_stage_folds", folds_dir)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished fold was retrained")
+
+    monkeypatch.setattr(TwoStageModel, "fit", no_training)
+    # The CLI's finished folds resume: same config, same folds, same fingerprint.
+    result = cross_validate(data=data_dir, two_stage=TINY, two_stage_dir=folds_dir, n_folds=FOLDS, seed=0)
+    assert [r.spec.name for r in result.runs] == TWO_STAGE_NAMES
+    write_report(result, tmp_path / "report")
+    before = pd.read_csv(report / "predictions.csv")
+    mine = before[before["classifier"] == "two_stage"].reset_index(drop=True)
+    after = pd.read_csv(tmp_path / "report" / "predictions.csv")
+    pd.testing.assert_frame_equal(after.drop(columns="stores"), mine.drop(columns="stores"))
+    with pytest.raises(ValueError, match="give `data` and `two_stage_dir`"):
+        cross_validate(two_stage="cpu", data=data_dir)
+    with pytest.raises(ValueError, match="`two_stage`: unknown two-stage preset 'fast'"):
+        cross_validate(data=data_dir, two_stage="fast", two_stage_dir=tmp_path / "x")
+
+
 def test_store_and_data_over_different_images_is_an_error(store, data_dir, tmp_path, capsys):
     fewer = tmp_path / "fewer"
     shutil.copytree(data_dir, fewer)
