@@ -146,3 +146,27 @@ def write_store(root, table, backbone) -> Path:
             )
         )
     return store.path
+
+
+def extracted_table(n_per_class=6, n_aug=2, seed=0):
+    """A FeatureTable as extraction makes it (a full ``ExtractionConfig``, ``stain_note``, image
+    ids ``<class>/<i>.png``) of 4 separable synthetic features, bach4 classes: for training and
+    saving models."""
+    import numpy as np
+    import pandas as pd
+    from features.config import ExtractionConfig
+    from features.store import FeatureTable
+
+    rng = np.random.default_rng(seed)
+    rows, X = [], []
+    for ci, cls in enumerate(BACH4):
+        for i in range(n_per_class):
+            centre = rng.normal(size=4)
+            centre[ci] += 3
+            for aug in range(n_aug):
+                rows.append((f"{cls}/{i}.png", cls, f"{cls}{i}", aug, f"/d/{cls}/{i}.png", None))
+                X.append(centre + rng.normal(scale=0.2, size=4))
+    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path", "stain_note"])
+    config = ExtractionConfig(weights="none")
+    return FeatureTable(meta=meta, X=np.asarray(X, np.float32),
+                        config={**config.to_dict(), "config_hash": config.config_hash})

@@ -12,30 +12,12 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from features.config import ExtractionConfig
-from features.store import FeatureTable
+from conftest import extracted_table
 
 ROOT = Path(__file__).resolve().parents[2]
-CLASSES = ("normal", "benign", "insitu", "invasive")
-
-
-def _table(n_per_class=6, n_aug=2, seed=0):
-    rng = np.random.default_rng(seed)
-    rows, X = [], []
-    for ci, cls in enumerate(CLASSES):
-        for i in range(n_per_class):
-            centre = rng.normal(size=4)
-            centre[ci] += 3
-            for aug in range(n_aug):
-                rows.append((f"{cls}/{i}.png", cls, f"{cls}{i}", aug, f"/d/{cls}/{i}.png", None))
-                X.append(centre + rng.normal(scale=0.2, size=4))
-    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path", "stain_note"])
-    config = ExtractionConfig(weights="none")
-    return FeatureTable(meta=meta, X=np.asarray(X, np.float32),
-                        config={**config.to_dict(), "config_hash": config.config_hash})
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +26,7 @@ def xgb_dir(tmp_path_factory):
     from classifiers.feature.model_io import TrainConfig, save_model, train_model
 
     config = TrainConfig(classifier="xgboost", n_jobs=1, device="cpu")
-    model = train_model(build_dataset([_table()], "bach4"), config)
+    model = train_model(build_dataset([extracted_table()], "bach4"), config)
     return save_model(model, tmp_path_factory.mktemp("m") / "xgb")
 
 

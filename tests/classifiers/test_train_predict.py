@@ -38,23 +38,13 @@ XGB = dict(classifier="xgboost", n_jobs=1, device="cpu")  # one thread: the core
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tiny_dir):
-    return tiny_dir
-
-
-@pytest.fixture(scope="module")
-def dataset(tiny_dataset):
-    return tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def stores(dataset, tmp_path_factory):
+def stores(tiny_dataset, tmp_path_factory):
     """Two stores of the same images: (mean pooling, seed 0) and (max pooling, seed 1)."""
     roots = []
     for options in ({"seed": 0}, {"seed": 1, "pooling": "max"}):
-        config = make_config(dataset, backbone="efficientnet_lite0", weights=None, **TINY_PROTOCOL, **options)
+        config = make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **TINY_PROTOCOL, **options)
         root = tmp_path_factory.mktemp("store")
-        summary = extract_to_store(dataset, config, root, progress=False)
+        summary = extract_to_store(tiny_dataset, config, root, progress=False)
         assert len(summary.done) == 8
         roots.append(summary.store_path)
     return roots
@@ -90,7 +80,7 @@ def set_store_config(record, **changes):
     record["stores"][0]["config"] = {**config.to_dict(), "config_hash": config.config_hash}
 
 
-def test_logreg_round_trip_reproduces_the_fitted_model(logreg_dir, stores, dataset, dataset_dir,
+def test_logreg_round_trip_reproduces_the_fitted_model(logreg_dir, stores, tiny_dataset, tiny_dir,
                                                        monkeypatch, tmp_path, capsys):
     capsys.readouterr()
     fitted, data = in_memory(stores[:1], classifier="logreg")
@@ -105,7 +95,7 @@ def test_logreg_round_trip_reproduces_the_fitted_model(logreg_dir, stores, datas
 
     # Training images given by their dataset-relative path have the store's image ids, so
     # extraction at prediction time redraws the same augmentations and crops.
-    monkeypatch.chdir(dataset_dir)
+    monkeypatch.chdir(tiny_dir)
     ids = list(data.images["image_id"])
     result = predict_images(model, ids)
     np.testing.assert_allclose(result.row_proba, expected_rows, rtol=0, atol=1e-5)
@@ -157,7 +147,7 @@ def test_predict_requires_out(logreg_dir, capsys):
 
 
 @pytest.mark.parametrize("fusion", ["concat", "mean-proba"])
-def test_xgboost_two_store_round_trip(fusion, stores, dataset_dir, monkeypatch, tmp_path):
+def test_xgboost_two_store_round_trip(fusion, stores, tiny_dir, monkeypatch, tmp_path):
     fitted, data = in_memory(stores, fusion=fusion, **XGB)
     expected_rows = fitted.fitted.predict_proba(data.X)
     save_model(fitted, tmp_path / "m")
@@ -167,7 +157,7 @@ def test_xgboost_two_store_round_trip(fusion, stores, dataset_dir, monkeypatch, 
     assert model.fitted.estimators[0].device_ == "cpu"
     np.testing.assert_array_equal(model.fitted.predict_proba(data.X), expected_rows)
 
-    monkeypatch.chdir(dataset_dir)
+    monkeypatch.chdir(tiny_dir)
     result = predict_images(model, list(data.images["image_id"]))
     np.testing.assert_allclose(result.row_proba, expected_rows, rtol=0, atol=1e-5)
     np.testing.assert_allclose(result.table[["proba_normal", "proba_benign", "proba_insitu", "proba_invasive"]],
@@ -315,12 +305,12 @@ def test_refuses_damaged_model_directory(damage, expected, logreg_dir, tmp_path)
     assert expected in str(err.value)
 
 
-def test_predict_cli_skips_unreadable_images_and_lists_them(logreg_dir, dataset_dir, tmp_path, capsys):
+def test_predict_cli_skips_unreadable_images_and_lists_them(logreg_dir, tiny_dir, tmp_path, capsys):
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     empty_dir = tmp_path / "empty"
     empty_dir.mkdir()
-    good = dataset_dir / "invasive"
+    good = tiny_dir / "invasive"
     out = tmp_path / "out" / "pred.csv"
     args = ["--model", str(logreg_dir), str(good), str(corrupt), str(tmp_path / "missing.png"), str(empty_dir)]
     assert predict_cli.main([*args, "--out", str(out), "--quiet"]) == 0
@@ -357,15 +347,15 @@ def test_train_exclude_leaves_images_out(stores, tmp_path, capsys):
     assert "benign/nope.png" in capsys.readouterr().err
 
 
-def test_python_api_trains_the_model_the_cli_trains(stores, logreg_dir, dataset_dir, tmp_path):
+def test_python_api_trains_the_model_the_cli_trains(stores, logreg_dir, tiny_dir, tmp_path):
     from classifiers import FeatureModel, Model, cross_validate, load_model, predict_images, train
 
     model = train([stores[0]], tmp_path / "api", classifier="logreg")
     loaded = load_model(logreg_dir)
     assert isinstance(model, FeatureModel) and isinstance(loaded, Model) and loaded.kind == "features"
-    images = [str(dataset_dir / "invasive" / "invasive_0.png"), str(dataset_dir / "normal")]
+    images = [str(tiny_dir / "invasive" / "invasive_0.png"), str(tiny_dir / "normal")]
     api = predict_images(tmp_path / "api", images).table
-    assert list(api["image"]) == [images[0], *(str(dataset_dir / "normal" / f"normal_{i}.png") for i in (0, 1))]
+    assert list(api["image"]) == [images[0], *(str(tiny_dir / "normal" / f"normal_{i}.png") for i in (0, 1))]
     pd.testing.assert_frame_equal(api, loaded.predict_images(images).table)
     with pytest.raises(ModelCompatibilityError, match="does not use"):
         loaded.predict_images([tmp_path / "missing.png"], weights={"resnet50": "w.h5"})  # before any input

@@ -8,29 +8,12 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from features.config import ExtractionConfig
-from features.store import FeatureStore, FeatureTable, make_record
+from features.store import FeatureStore, make_record
+from conftest import extracted_table
 
-CLASSES = ("normal", "benign", "insitu", "invasive")
-
-
-def _table(n_per_class=6, n_aug=2, seed=0, config=None):
-    rng = np.random.default_rng(seed)
-    rows, X = [], []
-    for ci, cls in enumerate(CLASSES):
-        for i in range(n_per_class):
-            centre = rng.normal(size=4)
-            centre[ci] += 3
-            for aug in range(n_aug):
-                rows.append((f"{cls}/{i}.png", cls, f"{cls}{i}", aug, f"/d/{cls}/{i}.png", None))
-                X.append(centre + rng.normal(scale=0.2, size=4))
-    meta = pd.DataFrame(rows, columns=["image_id", "label", "group", "aug", "path", "stain_note"])
-    config = config or {**ExtractionConfig(weights="none").to_dict(),
-                        "config_hash": ExtractionConfig(weights="none").config_hash}
-    return FeatureTable(meta=meta, X=np.asarray(X, np.float32), config=config)
 
 
 def test_config_records_versions_outside_the_hash():
@@ -57,7 +40,7 @@ def test_model_json_records_versions_and_predict_warns_on_differences(tmp_path, 
     from classifiers.feature.model_io import TrainConfig, load_model, save_model, train_model
     from classifiers.feature.predict import reproducible_configs
 
-    model = train_model(build_dataset([_table()], "bach4"), TrainConfig(classifier="logreg"))
+    model = train_model(build_dataset([extracted_table()], "bach4"), TrainConfig(classifier="logreg"))
     out = save_model(model, tmp_path / "m")
     record = json.loads((out / "model.json").read_text())
     assert record["versions"]["scikit-learn"] and record["versions"]["xgboost"]
@@ -81,7 +64,7 @@ def test_cv_report_metrics_record_versions():
     from classifiers.evaluation.cross_validation import CVConfig, run_cross_validation
     from classifiers.evaluation.report import summarize
 
-    result = run_cross_validation(build_dataset([_table()], "bach4"),
+    result = run_cross_validation(build_dataset([extracted_table()], "bach4"),
                                   CVConfig(n_folds=3, classifiers=("logreg",)))
     summary = summarize(result)
     assert summary["versions"]["xgboost"] and summary["versions"]["numpy"] == np.__version__

@@ -27,28 +27,18 @@ SMALL = {**TINY_PROTOCOL, "batch_size": 3}  # the batch size of every extract_to
 
 
 @pytest.fixture(scope="module")
-def dataset_dir(tiny_dir):
-    return tiny_dir
+def config(tiny_dataset):
+    return make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **SMALL)
 
 
 @pytest.fixture(scope="module")
-def dataset(tiny_dataset):
-    return tiny_dataset
-
-
-@pytest.fixture(scope="module")
-def config(dataset):
-    return make_config(dataset, backbone="efficientnet_lite0", weights=None, **SMALL)
-
-
-@pytest.fixture(scope="module")
-def clean_store(dataset, config, tmp_path_factory):
+def clean_store(tiny_dataset, config, tmp_path_factory):
     root = tmp_path_factory.mktemp("clean")
-    summary = extract_to_store(dataset, config, root, batch_size=3, progress=False)
+    summary = extract_to_store(tiny_dataset, config, root, batch_size=3, progress=False)
     return root, summary
 
 
-def test_end_to_end_store_contents(clean_store, dataset, config):
+def test_end_to_end_store_contents(clean_store, tiny_dataset, config):
     root, summary = clean_store
     assert len(summary.done) == 8 and summary.skipped == []
     assert summary.crops == 8 * 2 * 2
@@ -56,7 +46,7 @@ def test_end_to_end_store_contents(clean_store, dataset, config):
     assert table.X.shape == (16, 1280) and table.X.dtype == np.float32
     assert np.isfinite(table.X).all()
     assert list(table.meta.columns[:4]) == ["image_id", "label", "group", "aug"]
-    assert sorted(table.meta.image_id.unique()) == sorted(dataset.image_id)
+    assert sorted(table.meta.image_id.unique()) == sorted(tiny_dataset.image_id)
     assert table.meta.groupby("image_id").aug.apply(list).map(tuple).unique().tolist() == [(0, 1)]
     record = json.loads((summary.store_path / "config.json").read_text())
     assert record["config_hash"] == config.config_hash
@@ -65,25 +55,25 @@ def test_end_to_end_store_contents(clean_store, dataset, config):
     assert summary.store_path.name == f"efficientnet_lite0-{config.config_hash[:12]}"
 
 
-def test_rerun_does_no_work_and_is_bit_identical(clean_store, dataset, config, tmp_path):
+def test_rerun_does_no_work_and_is_bit_identical(clean_store, tiny_dataset, config, tmp_path):
     root, _ = clean_store
-    again = extract_to_store(dataset, config, root, batch_size=3, progress=False)
+    again = extract_to_store(tiny_dataset, config, root, batch_size=3, progress=False)
     assert again.done == [] and len(again.cached) == 8
-    other = extract_to_store(dataset, config, tmp_path, batch_size=3, progress=False)
+    other = extract_to_store(tiny_dataset, config, tmp_path, batch_size=3, progress=False)
     np.testing.assert_array_equal(load_store(root).X, load_store(tmp_path).X)
     assert len(other.done) == 8
 
 
-def test_changed_config_gets_its_own_store(clean_store, dataset, config):
+def test_changed_config_gets_its_own_store(clean_store, tiny_dataset, config):
     root, summary = clean_store
     for change in ({"seed": 1}, {"pooling": "max"}, {"crop_size": 40}, {"stain_reference": "none"}):
         options = {**SMALL, "seed": 0, **change}
-        changed = make_config(dataset, backbone="efficientnet_lite0", weights=None, **options)
+        changed = make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **options)
         assert changed.config_hash != config.config_hash, change
     assert FeatureStore(root, config).path == summary.store_path
 
 
-def test_interrupted_run_resumes_to_the_clean_result(clean_store, dataset, config, tmp_path,
+def test_interrupted_run_resumes_to_the_clean_result(clean_store, tiny_dataset, config, tmp_path,
                                                       monkeypatch):
     written = []
     real_write = FeatureStore.write
@@ -96,26 +86,26 @@ def test_interrupted_run_resumes_to_the_clean_result(clean_store, dataset, confi
 
     monkeypatch.setattr(FeatureStore, "write", write_then_die)
     with pytest.raises(KeyboardInterrupt):
-        extract_to_store(dataset, config, tmp_path, batch_size=3, progress=False)
+        extract_to_store(tiny_dataset, config, tmp_path, batch_size=3, progress=False)
     monkeypatch.setattr(FeatureStore, "write", real_write)
     store_dir = FeatureStore(tmp_path, config).path
     assert len(list((store_dir / "images").glob("*.joblib"))) == 3
-    resumed = extract_to_store(dataset, config, tmp_path, batch_size=3, progress=False)
+    resumed = extract_to_store(tiny_dataset, config, tmp_path, batch_size=3, progress=False)
     assert len(resumed.cached) == 3 and len(resumed.done) == 5
     clean = load_store(clean_store[0])
     np.testing.assert_array_equal(load_store(tmp_path).X, clean.X)
     pd.testing.assert_frame_equal(load_store(tmp_path).meta, clean.meta)
 
 
-def test_workers_give_the_store_of_one_thread(clean_store, dataset, config, tmp_path):
+def test_workers_give_the_store_of_one_thread(clean_store, tiny_dataset, config, tmp_path):
     # Two processes decode and normalise ahead of the backbone; the store is the same bytes.
-    summary = extract_to_store(dataset, config, tmp_path, batch_size=3, progress=False, workers=2)
-    assert summary.done == list(dataset.image_id)  # in input order
+    summary = extract_to_store(tiny_dataset, config, tmp_path, batch_size=3, progress=False, workers=2)
+    assert summary.done == list(tiny_dataset.image_id)  # in input order
     clean = load_store(clean_store[0])
     np.testing.assert_array_equal(load_store(tmp_path).X, clean.X)
     pd.testing.assert_frame_equal(load_store(tmp_path).meta, clean.meta)
     with pytest.raises(ValueError, match="workers must be >= 1"):
-        extract_to_store(dataset, config, tmp_path, workers=0)
+        extract_to_store(tiny_dataset, config, tmp_path, workers=0)
 
 
 def test_default_workers_leave_a_core_to_the_backbone(monkeypatch):
@@ -149,9 +139,9 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_kill_9_mid_run_loses_no_finished_image(dataset_dir, clean_store, tmp_path, workers):
+def test_kill_9_mid_run_loses_no_finished_image(tiny_dir, clean_store, tmp_path, workers):
     out = tmp_path / "store"
-    cmd = [sys.executable, "-m", "pipeline.extract", "--data", str(dataset_dir), "--out", str(out),
+    cmd = [sys.executable, "-m", "pipeline.extract", "--data", str(tiny_dir), "--out", str(out),
            "--weights", "none", "--augmentations", "2", "--crops", "2", "--crop-size", "48",
            "--scale", "1", "--batch-size", "3", "--quiet", "--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -179,11 +169,11 @@ def test_kill_9_mid_run_loses_no_finished_image(dataset_dir, clean_store, tmp_pa
     np.testing.assert_array_equal(load_store(out).X, load_store(clean_store[0]).X)
 
 
-def test_corrupt_and_blank_images_are_reported_not_fatal(dataset_dir, config, tmp_path):
+def test_corrupt_and_blank_images_are_reported_not_fatal(tiny_dir, config, tmp_path):
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(dataset_dir, data)
+    shutil.copytree(tiny_dir, data)
     (data / "benign" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     from data.io import write_image
 
@@ -201,11 +191,11 @@ def test_corrupt_and_blank_images_are_reported_not_fatal(dataset_dir, config, tm
     assert "tissue mask" in notes["normal/white.png"] and notes.drop("normal/white.png").isna().all()
 
 
-def test_changed_source_file_is_re_extracted(dataset_dir, config, tmp_path):
+def test_changed_source_file_is_re_extracted(tiny_dir, config, tmp_path):
     import shutil
 
     data = tmp_path / "data"
-    shutil.copytree(dataset_dir, data)
+    shutil.copytree(tiny_dir, data)
     store = tmp_path / "store"
     extract_to_store(load_dataset(data), config, store, batch_size=3, progress=False)
     target = sorted((data / "invasive").glob("*.png"))[0]
@@ -214,12 +204,12 @@ def test_changed_source_file_is_re_extracted(dataset_dir, config, tmp_path):
     assert again.done == ["invasive/" + target.name]
 
 
-def test_missing_imagenet_weights_fail_fast_with_instructions(monkeypatch, tmp_path, dataset):
+def test_missing_imagenet_weights_fail_fast_with_instructions(monkeypatch, tmp_path, tiny_dataset):
     monkeypatch.setenv("KERAS_HOME", str(tmp_path))
     # "before any work": not a single image may be read before the weights are checked
     monkeypatch.setattr(extract_mod, "read_image", lambda path: pytest.fail("image read"))
     with pytest.raises(WeightsNotFoundError) as err:
-        make_config(dataset, backbone="resnet50", weights="imagenet", **TINY_PROTOCOL)
+        make_config(tiny_dataset, backbone="resnet50", weights="imagenet", **TINY_PROTOCOL)
     message = str(err.value)
     assert "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5" in message
     assert str(tmp_path / "models") in message
@@ -244,7 +234,7 @@ def test_keras_backbones_random_init(name, side):
     np.testing.assert_allclose(extractor.features(crops[2:]), feats[2:], rtol=1e-5, atol=1e-5)
 
 
-def test_cli_bad_input_is_a_clear_error_before_work(tmp_path, capsys, dataset_dir):
+def test_cli_bad_input_is_a_clear_error_before_work(tmp_path, capsys, tiny_dir):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert cli.main(["--data", str(empty), "--out", str(tmp_path / "o"), "--weights", "none"]) == 2
@@ -254,7 +244,7 @@ def test_cli_bad_input_is_a_clear_error_before_work(tmp_path, capsys, dataset_di
     assert cli.main(["--data", str(manifest), "--out", str(tmp_path / "o"), "--weights", "none"]) == 2
     assert "missing.png" in capsys.readouterr().err
     # Any class name is valid, but two spellings of one class are caught before any work.
-    benign = sorted(dataset_dir.glob("benign/*.png"))
+    benign = sorted(tiny_dir.glob("benign/*.png"))
     manifest.write_text(f"path,label\n{benign[0]},grade-1\n{benign[1]},Grade_1\n")
     assert cli.main(["--data", str(manifest), "--out", str(tmp_path / "o"), "--weights", "none"]) == 2
     err = capsys.readouterr().err
@@ -262,8 +252,8 @@ def test_cli_bad_input_is_a_clear_error_before_work(tmp_path, capsys, dataset_di
     assert not (tmp_path / "o").exists()
 
 
-def test_cli_runs_and_reports(dataset_dir, tmp_path, capsys):
-    args = ["--data", str(dataset_dir), "--out", str(tmp_path), "--weights", "none",
+def test_cli_runs_and_reports(tiny_dir, tmp_path, capsys):
+    args = ["--data", str(tiny_dir), "--out", str(tmp_path), "--weights", "none",
             "--augmentations", "2", "--crops", "2", "--crop-size", "48", "--scale", "1",
             "--quiet"]
     assert cli.main(args) == 0
@@ -274,13 +264,13 @@ def test_cli_runs_and_reports(dataset_dir, tmp_path, capsys):
     assert "images extracted now: 0, already in the store: 8" in capsys.readouterr().out
 
 
-def test_shared_mode_is_its_own_reproducible_store(dataset, config, clean_store, tmp_path):
+def test_shared_mode_is_its_own_reproducible_store(tiny_dataset, config, clean_store, tmp_path):
     from dataclasses import replace
 
     shared = replace(config, mode="shared", batch_size=2)
     assert shared.config_hash != config.config_hash
-    first = extract_to_store(dataset, shared, tmp_path / "a", batch_size=2, progress=False)
-    extract_to_store(dataset, shared, tmp_path / "b", batch_size=2, progress=False)
+    first = extract_to_store(tiny_dataset, shared, tmp_path / "a", batch_size=2, progress=False)
+    extract_to_store(tiny_dataset, shared, tmp_path / "b", batch_size=2, progress=False)
     a, b = load_store(tmp_path / "a"), load_store(tmp_path / "b")
     np.testing.assert_array_equal(a.X, b.X)
     assert first.crops == 8 * 2 * 2 and a.X.shape == load_store(clean_store[0]).X.shape
@@ -289,21 +279,21 @@ def test_shared_mode_is_its_own_reproducible_store(dataset, config, clean_store,
     assert cos.mean() > 0.5  # random-init weights: similar, not equal (see test_feature_maps)
 
 
-def test_whole_mode_ignores_crop_options_and_pools_the_whole_map(dataset, tmp_path):
+def test_whole_mode_ignores_crop_options_and_pools_the_whole_map(tiny_dataset, tmp_path):
     kwargs = dict(backbone="efficientnet_lite0", weights=None, stain_reference="none",
                   augmentations=2, scale=1.0, mode="whole")
-    config = make_config(dataset, crops=7, crop_size=48, pooling="max", **kwargs)
+    config = make_config(tiny_dataset, crops=7, crop_size=48, pooling="max", **kwargs)
     assert (config.crops, config.crop_size, config.pooling) == (1, 0, "mean")
-    assert make_config(dataset, **kwargs).config_hash == config.config_hash
+    assert make_config(tiny_dataset, **kwargs).config_hash == config.config_hash
     with pytest.raises(ValueError, match="mode 'whole' has no crops"):
         replace_config = dict(config.to_dict(), crops=3)
         type(config).from_dict(replace_config)
-    summary = extract_to_store(dataset, config, tmp_path, batch_size=8, progress=False)
-    assert summary.crops == len(dataset) * 2  # one backbone pass per augmented image
+    summary = extract_to_store(tiny_dataset, config, tmp_path, batch_size=8, progress=False)
+    assert summary.crops == len(tiny_dataset) * 2  # one backbone pass per augmented image
     table = load_store(tmp_path)
-    assert table.X.shape == (len(dataset) * 2, 1280)
+    assert table.X.shape == (len(tiny_dataset) * 2, 1280)
     # Augmentation 0 is the original image: its feature is the mean of the image's map.
-    row = dataset.iloc[0]
+    row = tiny_dataset.iloc[0]
     extractor = extract_mod.FeatureExtractor(config, batch_size=1)
     image = scale_image(extract_mod.read_image(row.path), 1.0)
     expected = extractor.feature_maps(image[None])[0].mean(axis=(0, 1))
