@@ -22,9 +22,7 @@ import math
 import os
 from pathlib import Path
 
-import keras
 import numpy as np
-from keras import layers
 
 from features.torch_legacy import load_state_dict
 
@@ -154,6 +152,8 @@ def default_weights_path(variant="lite0"):
 
 
 def _conv_bn(x, filters, kernel, stride, name, torch_conv, torch_bn, mapping, depthwise=False, act=True):
+    from keras import layers
+
     """Conv (no bias) + BN (+ ReLU6), recording Keras-name -> torch-prefix pairs."""
     if depthwise:
         conv = layers.DepthwiseConv2D(kernel, stride, padding="same", use_bias=False, name=f"{name}_dwconv")
@@ -206,6 +206,9 @@ def build_efficientnet_lite(variant="lite0", weights="imagenet", include_top=Fal
     keras.Model
         Expects inputs prepared with :func:`preprocess_input`.
     """
+    import keras
+    from keras import layers
+
     _check_variant(variant)
     if pooling not in ("avg", "max", None):
         raise ValueError(f"pooling must be 'avg', 'max' or None, got {pooling!r}")
@@ -247,6 +250,8 @@ def build_efficientnet_lite(variant="lite0", weights="imagenet", include_top=Fal
 
 def _load_torch_weights(model, state, mapping, source):
     """Copy a PyTorch state dict into ``model``, converting layouts and checking coverage."""
+    from keras import layers
+
     used = set()
 
     def take(key):
