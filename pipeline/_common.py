@@ -156,6 +156,16 @@ def run(parser: argparse.ArgumentParser, job: Callable, argv=None, *, errors: tu
         return _fail(parser, exit_on_error, 2, f"error: {cli_message(parser, str(exc), flags)}")
 
 
+def print_last(text: str) -> None:
+    """Print the command's last line (what to open) after the filtered stderr has drained, so it
+    stays last even when stdout and stderr are redirected to one file."""
+    from pipeline._quiet import restore_stderr
+
+    sys.stdout.flush()
+    restore_stderr()
+    print(text, flush=True)
+
+
 def _fail(parser: argparse.ArgumentParser, exit_on_error: bool, status: int, message: str) -> int:
     if exit_on_error:
         parser.exit(status, f"{parser.prog}: {message}\n")

@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 
 from pipeline._common import cli_message, run  # first: sets passive OpenMP waiting before XGBoost loads
-from pipeline._common import add_data_options, add_labels_option, load_data
+from pipeline._common import add_data_options, add_labels_option, load_data, print_last
 from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.evaluation.methods import command_line
 from classifiers.feature.estimators import DEVICE_CHOICES, DeviceUnavailableError
@@ -233,7 +233,7 @@ def report(parser: argparse.ArgumentParser, args: argparse.Namespace, command: s
             maj["fold_accuracy_mean"], _number(maj["fold_accuracy_sd"]), _number(run_["roc_auc"]["macro"]),
         )
     logger.info("report written to %s (%d files)", args.out, len(written["files"]))
-    print(f"report: {(Path(args.out) / 'report.html').resolve()}")  # the last line: what to open
+    print_last(f"report: {(Path(args.out) / 'report.html').resolve()}")
     return written
 
 
@@ -258,8 +258,8 @@ def _repeated(dataset, config: CVConfig, seeds, out, command: str | None = None)
     print(written["markdown"], end="")
     logger.info("report written to %s (%d files)", out, len(written["files"]))
     out = Path(out).resolve()
-    print(f"table over seeds: {out / 'ensemble.md'}\nreports: " + ", ".join(str(out / f"seed-{s}" / "report.html")
-                                                                      for s in seeds))
+    print_last(f"table over seeds: {out / 'ensemble.md'}\nreports: "
+               + ", ".join(str(out / f"seed-{s}" / "report.html") for s in seeds))
     return written
 
 

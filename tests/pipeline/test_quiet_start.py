@@ -106,3 +106,19 @@ def test_a_worker_holding_stderr_does_not_delay_the_exit(tmp_path):
     os.kill(int(done.stdout), signal.SIGTERM)
     assert done.returncode == 0 and log.read_text() == "bye\n"
     assert seconds < 4.5  # not the 5 s join timeout, nor the child's 20 s
+
+
+def test_last_line_stays_last_when_stdout_and_stderr_share_a_file(tmp_path):
+    # Logs pass through the filter's pipe; the path to open must still be the file's last line.
+    code = ("import logging, sys; from pipeline._quiet import silence_library_startup; "
+            "from pipeline._common import print_last; silence_library_startup(); "
+            "logging.basicConfig(level=logging.INFO, stream=sys.stderr); "
+            "[logging.getLogger('x').info('log line %d', i) for i in range(200)]; "
+            "print_last('report: /r/report.html')")
+    log = tmp_path / "out.txt"
+    with open(log, "wb") as out:
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                              timeout=60)
+    lines = log.read_text().splitlines()
+    assert done.returncode == 0 and len(lines) == 201
+    assert lines[-1] == "report: /r/report.html" and lines[-2] == "INFO:x:log line 199"
