@@ -395,8 +395,9 @@ def main(argv=None) -> None:
 
     def save() -> None:
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(results, indent=2, default=str))
+            from results import write_json
+
+            write_json(args.json, results)
 
     print(f"machine: {machine['cpu']}, {machine['cores']} cores, load average "
           f"{machine['load_average_1min']:.1f} at start, TensorFlow {machine['tensorflow']}")

@@ -19,7 +19,6 @@ reference is fitted once, before timing (``--stain-reference auto``).  Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -182,8 +181,9 @@ def main(argv=None) -> None:
             print(f"  {r['workers']} worker(s): {line}")
     print(f"load average at the end {os.getloadavg()[0]:.1f}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2, default=str))
+        from results import write_json
+
+        write_json(args.json, results)
         print(f"results written to {args.json}")
 
 

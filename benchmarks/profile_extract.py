@@ -21,7 +21,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -210,8 +209,9 @@ def main(argv=None) -> None:
           f"{result['images']} images of {args.data}")
     print("\n".join(report(result)), flush=True)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str))
+        from results import write_json
+
+        write_json(args.json, result)
         print(f"results written to {args.json}")
 
 

@@ -101,16 +101,24 @@ def test_bach_model_predicts_breakhis_through_a_mapping(breakhis, tiny_dir, tmp_
     assert "maps neither the model's classes nor those of its groupings" in capsys.readouterr().err
 
 
-def test_own_classes_and_mapping_file_end_to_end(tmp_path, capsys):
+def _grade_folders(root, tissues, per_class, seed):
+    """Folders grade1, grade2, ... of small synthetic images drawn as the given tissues."""
     import numpy as np
 
     from data.io import write_image
     from data.synthetic import make_image
 
-    data = tmp_path / "grades"
-    for k, (grade, tissue) in enumerate({"grade1": "benign", "grade2": "insitu", "grade3": "invasive"}.items()):
-        for i in range(3):
-            write_image(data / grade / f"{i}.png", make_image(tissue, np.random.default_rng([3, k, i]), (64, 96)))
+    for k, tissue in enumerate(tissues):
+        for i in range(per_class):
+            write_image(root / f"grade{k + 1}" / f"{i}.png",
+                        make_image(tissue, np.random.default_rng([seed, k, i]), (64, 96)))
+    return root
+
+
+def test_own_classes_and_mapping_file_end_to_end(tmp_path, capsys):
+    import numpy as np
+
+    data = _grade_folders(tmp_path / "grades", ("benign", "insitu", "invasive"), per_class=3, seed=3)
     mapping = tmp_path / "low-high.json"
     mapping.write_text(json.dumps({"low": ["grade1"], "high": ["grade2", "grade3"]}))
     assert extract_cli.main(["--data", str(data), "--out", str(tmp_path / "features"), *TINY]) == 0
@@ -147,16 +155,9 @@ def test_own_classes_and_mapping_file_end_to_end(tmp_path, capsys):
 
 
 def test_two_stage_trains_and_predicts_any_classes(tmp_path, capsys):
-    import numpy as np
-
-    from data.io import write_image
-    from data.synthetic import make_image
     from pipeline import two_stage as two_stage_cli
 
-    data = tmp_path / "grades"
-    for k, (grade, tissue) in enumerate({"grade1": "normal", "grade2": "insitu", "grade3": "invasive"}.items()):
-        for i in range(2):
-            write_image(data / grade / f"{i}.png", make_image(tissue, np.random.default_rng([5, k, i]), (64, 96)))
+    data = _grade_folders(tmp_path / "grades", ("normal", "insitu", "invasive"), per_class=2, seed=5)
     model = tmp_path / "model"
     assert two_stage_cli.main(["train", "--data", str(data), "--out", str(model), "--patch-size", "64",
                                "--stride", "32", "--width", "2", "--image-width", "4", "--epochs", "1",
