@@ -30,6 +30,7 @@ from classifiers.evaluation.cross_validation import (
 from classifiers.evaluation.folds import GroupedFolds, assign_folds, check_fold_feasibility
 from classifiers.feature.estimators import (
     CLASSIFIER_NAMES,
+    DEFAULT_CLASSIFIERS,
     DeviceChoice,
     XGBoostFeatureClassifier,
     make_classifier,
@@ -64,6 +65,7 @@ __all__ = [
     "train",
     "write_report",
     "CLASSIFIER_NAMES",
+    "DEFAULT_CLASSIFIERS",
     "FUSION_CHOICES",
     "CVConfig",
     "CVDataset",

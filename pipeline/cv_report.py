@@ -28,7 +28,7 @@ from pathlib import Path
 
 from pipeline._common import cli_message, run  # first: sets passive OpenMP waiting before XGBoost loads
 from pipeline._common import add_data_options, add_labels_option, load_data, print_last
-from classifiers import CLASSIFIER_NAMES, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
+from classifiers import CLASSIFIER_NAMES, DEFAULT_CLASSIFIERS, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.evaluation.methods import command_line
 from classifiers.feature.estimators import DEVICE_CHOICES, DeviceUnavailableError
 from classifiers.feature.presets import PRESET_NAMES, get_preset
@@ -73,8 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_options(parser, stores=True)
     parser.add_argument("--folds", type=int, default=6, help="number of grouped folds (default 6)")
     parser.add_argument("--classifier", action="append", type=_choices_list(ALL_CLASSIFIERS),
-                        help="xgboost, logreg, two_stage (repeat or comma-separate; default xgboost and "
-                        "logreg with --features, two_stage with --data)")
+                        help="xgboost, logreg, logreg-sqrt (logreg after a signed square root of every feature), "
+                        "two_stage (repeat or comma-separate; default xgboost and logreg with --features, "
+                        "two_stage with --data)")
     parser.add_argument("--fusion", action="append", type=_choices_list(FUSION_CHOICES),
                         help="with several stores: concat, mean-proba or both (default both)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and classifiers (default 0)")
@@ -116,7 +117,7 @@ def _flatten(values, default) -> tuple:
 
 def selected_classifiers(args: argparse.Namespace) -> tuple:
     """``--classifier`` names, or the defaults for the inputs given."""
-    default = (CLASSIFIER_NAMES if args.features else ()) + ((TWO_STAGE,) if args.data else ())
+    default = (DEFAULT_CLASSIFIERS if args.features else ()) + ((TWO_STAGE,) if args.data else ())
     return _flatten(args.classifier, default)
 
 

@@ -19,16 +19,23 @@ _STATED_PARAMS = {
     "xgboost": ("n_estimators", "max_depth", "learning_rate", "subsample", "colsample_bytree",
                 "min_child_weight", "reg_lambda"),
     "logreg": ("C", "max_iter", "tol"),
+    "logreg-sqrt": ("C", "max_iter", "tol"),
 }
 _CLASSIFIER_WORDS = {
     "xgboost": "gradient-boosted trees (XGBoost, tree method hist)",
     "logreg": "L2-regularised multinomial logistic regression on standardised features (scikit-learn)",
+    "logreg-sqrt": "L2-regularised multinomial logistic regression on standardised features after a signed "
+                   "square root of every feature, sign(x)*sqrt(|x|) (power normalisation; scikit-learn)",
     "two_stage": "the two-stage CNN of Nazeri et al. (2018), trained inside each training fold (its "
                  "configuration is in the report's two-stage section)",
 }
 _BACKBONE_WORDS = {
     "efficientnet_lite0": "EfficientNet-Lite0",
     "efficientnet_lite0_multilevel": "EfficientNet-Lite0 (multi-level features)",
+    "efficientnet_lite1": "EfficientNet-Lite1",
+    "efficientnet_lite1_multilevel": "EfficientNet-Lite1 (multi-level features)",
+    "efficientnet_lite2": "EfficientNet-Lite2",
+    "efficientnet_lite2_multilevel": "EfficientNet-Lite2 (multi-level features)",
     "resnet50": "ResNet50",
     "xception": "Xception",
 }

@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from data.files import atomic_directory, check_output_dir, file_sha256, package_version, software_versions
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, check_scheme, fit_run_model
-from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, XGBoostFeatureClassifier
+from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, SignedSquareRoot, XGBoostFeatureClassifier
 from classifiers.feature.booster_check import BoosterFormatError, check_booster_json
 
 #: Version of the model-directory layout; a directory of another version is refused.
@@ -67,7 +67,7 @@ class TrainConfig:
     scheme : str, default="auto"
         Label scheme the model predicts in: ``auto``, ``classes``, a built-in name or a mapping
         file (:func:`classifiers.evaluation.cv_dataset.build_dataset`).
-    classifier : {"xgboost", "logreg"}, default="xgboost"
+    classifier : {"xgboost", "logreg", "logreg-sqrt"}, default="xgboost"
     fusion : {"concat", "mean-proba"}, default="concat"
         How several stores are combined (as in cross-validation); ignored with one store.
     seed : int, default=0
@@ -297,8 +297,8 @@ def load_xgboost(path: Path, classes, params: dict, n_features: int) -> XGBoostF
 
 
 def save_logreg(pipeline: Pipeline, path: Path) -> None:
-    """Write a fitted ``StandardScaler -> LogisticRegression`` pipeline as plain arrays."""
-    scaler, logreg = pipeline.steps[0][1], pipeline.steps[-1][1]
+    """Write a fitted ``[SignedSquareRoot ->] StandardScaler -> LogisticRegression`` pipeline as plain arrays."""
+    scaler, logreg = pipeline.steps[-2][1], pipeline.steps[-1][1]
     if not isinstance(scaler, StandardScaler) or not isinstance(logreg, LogisticRegression):
         raise TypeError("expected a StandardScaler -> LogisticRegression pipeline (classifiers.feature.estimators.make_logreg)")
     # Fitted dtypes are kept (coef_ is float32 when fitted on float32 features): the same
@@ -308,6 +308,8 @@ def save_logreg(pipeline: Pipeline, path: Path) -> None:
         "n_samples_seen": scaler.n_samples_seen_, "coef": logreg.coef_,
         "intercept": logreg.intercept_, "n_iter": logreg.n_iter_,
         "classes": np.asarray(logreg.classes_).astype(str),  # unicode, not object: no pickle
+        # 1 when the features pass through SignedSquareRoot first (files without it: 0).
+        "signed_sqrt": np.int8(isinstance(pipeline.steps[0][1], SignedSquareRoot)),
     }
     with open(path, "wb") as handle:
         np.savez(handle, **{k: np.asarray(v) for k, v in arrays.items()})
@@ -335,7 +337,12 @@ def load_logreg(path: Path, params: dict) -> Pipeline:
     logreg.classes_ = a["classes"].astype(object)  # as fitted on string labels
     logreg.n_iter_ = a.get("n_iter", np.zeros(1, np.int64))
     logreg.n_features_in_ = n_features
-    return Pipeline([("scale", scaler), ("logreg", logreg)])
+    steps = [("scale", scaler), ("logreg", logreg)]
+    if int(a.get("signed_sqrt", 0)):
+        root = SignedSquareRoot()
+        root.n_features_in_ = n_features
+        steps.insert(0, ("sqrt", root))
+    return Pipeline(steps)
 
 
 # ---------------------------------------------------------------------------------------

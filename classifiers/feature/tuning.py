@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 PARAM_GRIDS = {
     "xgboost": {"max_depth": [2, 4], "n_estimators": [150, 300], "colsample_bytree": [0.3, 0.8]},
     "logreg": {"logreg__C": [0.001, 0.01, 0.1, 1.0]},
+    "logreg-sqrt": {"logreg__C": [0.001, 0.01, 0.1, 1.0]},
 }
 
 

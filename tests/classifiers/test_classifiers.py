@@ -112,6 +112,23 @@ def test_logreg_is_standardised_pipeline():
         make_logreg(C=0)
 
 
+def test_signed_sqrt_logreg_transforms_then_standardises():
+    X = np.array([[4.0, -9.0, 0.0], [0.25, 1.0, -0.01]])
+    root = models.SignedSquareRoot().fit(X)
+    np.testing.assert_array_equal(root.transform(X), [[2.0, -3.0, 0.0], [0.5, 1.0, -0.1]])
+    with pytest.raises(ValueError, match="3 features"):
+        root.transform(X[:, :2])
+    pipe = models.make_classifier("logreg-sqrt", seed=3)
+    assert [name for name, _ in pipe.steps] == ["sqrt", "scale", "logreg"]
+    assert pipe.get_params()["logreg__random_state"] == 3
+    Xb, y = _blobs()
+    Xb = Xb ** 3  # heavy tails: the square root must not be undone by the scaler
+    fitted = clone(pipe).fit(Xb, y)
+    by_hand = make_logreg(random_state=3).fit(np.sign(Xb) * np.sqrt(np.abs(Xb)), y)
+    np.testing.assert_allclose(fitted.predict_proba(Xb), by_hand.predict_proba(np.sign(Xb) * np.sqrt(np.abs(Xb))))
+    assert models.DEFAULT_CLASSIFIERS == ("xgboost", "logreg")  # the default CV does not grow
+
+
 def test_make_classifier_unknown_name():
     with pytest.raises(ValueError, match="unknown classifier 'svm'.*xgboost.*logreg"):
         make_classifier("svm")

@@ -164,6 +164,27 @@ def test_xgboost_two_store_round_trip(fusion, stores, tiny_dir, monkeypatch, tmp
                                vote(data.row_image, expected_rows).mean_proba, atol=1e-5)
 
 
+def test_signed_sqrt_logreg_round_trip(stores, tmp_path):
+    fitted, data = in_memory(stores[:1], classifier="logreg-sqrt")
+    expected = fitted.fitted.predict_proba(data.X)
+    plain, _ = in_memory(stores[:1], classifier="logreg")
+    assert np.abs(plain.fitted.predict_proba(data.X) - expected).max() > 1e-3  # the root changes the model
+    save_model(fitted, tmp_path / "m")
+    model = load_model(tmp_path / "m")
+    assert model.classifier == "logreg-sqrt"
+    assert [name for name, _ in model.fitted.estimators[0].steps] == ["sqrt", "scale", "logreg"]
+    np.testing.assert_array_equal(model.fitted.predict_proba(data.X), expected)
+    # A file written before the option existed has no flag: it loads as the plain pipeline.
+    save_model(plain, tmp_path / "p")
+    with np.load(tmp_path / "p" / "estimator-0.npz") as arrays:
+        older = {k: arrays[k] for k in arrays.files if k != "signed_sqrt"}
+    np.savez(tmp_path / "old.npz", **older)
+    from classifiers.feature.model_io import load_logreg
+    old = load_logreg(tmp_path / "old.npz", plain.params)
+    assert [name for name, _ in old.steps] == ["scale", "logreg"]
+    np.testing.assert_array_equal(old.predict_proba(data.X[0]), plain.fitted.estimators[0].predict_proba(data.X[0]))
+
+
 def test_model_directories_hold_no_pickle(logreg_dir, stores, tmp_path):
     fitted, _ = in_memory(stores, fusion="mean-proba", **XGB)
     xgb_dir = save_model(fitted, tmp_path / "xgb")
