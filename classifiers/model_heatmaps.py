@@ -34,7 +34,7 @@ class FeatureModelHeatmaps:
                  weights=None, batch_size=8):
         from classifiers.heatmaps import FeatureSource
         from classifiers.feature.predict import reproducible_configs
-        from features.extract import FeatureExtractor
+        from features.extract import make_extractor
 
         self.model, self.exact, self.whole_image = model, exact, whole_image
         self.classes = tuple(self.model.classes)
@@ -46,7 +46,7 @@ class FeatureModelHeatmaps:
                              "choose the heatmap window side (pixels) with `window`")
         self.step = step or FEATURE_STEP
         batch = batch_size if exact else 1  # feature_maps pads its batch: 1 image per pass
-        self.sources = [FeatureSource(FeatureExtractor(c, batch_size=batch), c.scale, c.stain) for c in self.configs]
+        self.sources = [FeatureSource(make_extractor(c, batch_size=batch), c.scale, c.stain) for c in self.configs]
         self.whole = {}
 
     def prepare(self, paths) -> None:

@@ -207,6 +207,7 @@ _VERSIONED = {
     "numpy": ("numpy",),
     "opencv": ("opencv-python", "opencv-python-headless", "opencv-contrib-python"),
     "staintools": ("staintools",),
+    "openvino": ("openvino",),  # the optional engine (features.openvino_engine)
     "xgboost": ("xgboost",),
     "scikit-learn": ("scikit-learn",),
 }

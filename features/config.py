@@ -11,6 +11,7 @@ from features.pooling import POOLINGS
 
 MODES = ("exact", "shared", "whole")
 PRECISIONS = ("float32", "bfloat16")
+ENGINES = ("keras", "openvino")
 
 # Bump when the meaning of stored features changes without any config field changing.
 FEATURE_FORMAT_VERSION = 1
@@ -21,7 +22,7 @@ _DESCRIPTIVE = ("weights", "weights_file", "package_version", "versions")
 
 # Fields added after format 1, left out of the hash at the value that reproduces what was
 # computed before they existed, so existing stores keep their keys.
-_OMITTED_AT = {"mode": "exact", "precision": "float32", "batch_size": 8}
+_OMITTED_AT = {"mode": "exact", "precision": "float32", "batch_size": 8, "engine": "keras"}
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,9 @@ class ExtractionConfig:
         crops: ``crops`` is 1 and ``crop_size`` 0).
     precision : ``"float32"``, or ``"bfloat16"`` to run the backbone under Keras'
         ``mixed_bfloat16`` policy (weights stay float32, features are returned as float32).
+    engine : ``"keras"`` (TensorFlow; GPU when present) or ``"openvino"`` (the backbone's Keras
+        model converted to OpenVINO, CPU; ``features.openvino_engine``).  Part of the key: the
+        two engines' features agree to float tolerance, not bit for bit.
     stain : Macenko state (``reference``, ``reference_sha256``, ``stain_matrix``,
         ``max_concentrations``) or ``None`` to skip normalisation.
     seed : root of every random draw, in ``[0, 2**32)``.
@@ -70,6 +74,7 @@ class ExtractionConfig:
     color_gain: float = 0.1
     color_shift: float = 20.0
     batch_size: int = 8
+    engine: str = "keras"
     feature_format: int = FEATURE_FORMAT_VERSION
     package_version: str = field(default_factory=installed_version)
     versions: dict = field(default_factory=lambda: software_versions())
@@ -85,6 +90,7 @@ class ExtractionConfig:
             (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
+            (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),
             (0 <= self.color_shift <= 128, "color_shift must be in [0, 128]"),
             (isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),

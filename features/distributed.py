@@ -37,6 +37,7 @@ from features.extract import (
     ExtractionSummary,
     FeatureExtractor,
     Preprocessing,
+    make_extractor,
     check_batch_size,
     extract_one_image,
     plan_extraction,
@@ -100,7 +101,7 @@ def worker_extractor(config: ExtractionConfig, batch_size: int) -> tuple[Feature
     with _CACHE_LOCK:
         if key not in _EXTRACTOR_CACHE:
             _EXTRACTOR_CACHE.clear()  # one backbone in memory per worker
-            _EXTRACTOR_CACHE[key] = (FeatureExtractor(config, batch_size=batch_size),
+            _EXTRACTOR_CACHE[key] = (make_extractor(config, batch_size=batch_size),
                                      Preprocessing.from_config(config))
         return _EXTRACTOR_CACHE[key]
 

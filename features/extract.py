@@ -32,6 +32,7 @@ from data.files import file_sha256
 from features.augment import effective_crop_size
 from features.backbones import get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
+from features.openvino_engine import OpenVINOExtractor, import_openvino
 from features.pooling import pool_features
 from features.image_side import (Preprocessing, default_workers, image_items, iter_host_items,
                                  prepare_image)
@@ -71,6 +72,8 @@ def make_config(
         # No crops: the crop options mean nothing, so they must not split the store key.
         options = {**options, "crops": 1, "crop_size": 0, "pooling": "mean"}
     ExtractionConfig(backbone=backbone, **options)  # bad values fail here, before any image is read
+    if options.get("engine") == "openvino":
+        import_openvino()  # not installed: say how, before any work
     weights_file = resolve_weights(spec, weights)
     scale = options.get("scale", ExtractionConfig.scale)
     if stain_reference is None or str(stain_reference).lower() == "none":
@@ -220,6 +223,36 @@ def _check_uint8(images: np.ndarray) -> None:
         raise TypeError(f"the extractor takes uint8 RGB images, got {np.asarray(images).dtype}")
 
 
+def build_backbone_model(config: ExtractionConfig, spec, weights_file: Path | None, precision: str):
+    """The Keras model of ``spec`` with ``weights_file`` (``None``: random init seeded by
+    ``config.seed``, reproducible) under ``precision``'s dtype policy; a weights file that
+    does not load is a ValueError naming it."""
+    import keras
+
+    keras.utils.set_random_seed(config.seed)  # random-init backbones are reproducible
+    # Keras only offers a process-wide dtype policy: set it for the build, then restore.
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16" if precision == "bfloat16" else "float32")
+    try:
+        with _private_keras_seeds(config.seed):
+            return spec.build(weights_file)
+    except Exception as exc:  # torch_legacy / h5py / keras raise many types on a bad file
+        if weights_file is None or isinstance(exc, MemoryError):
+            raise
+        raise ValueError(f"cannot load the {config.backbone} weights file {weights_file}: "
+                         f"{type(exc).__name__}: {exc}") from exc
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def make_extractor(config: ExtractionConfig, batch_size: int | None = None):
+    """The extractor of ``config.engine``: :class:`FeatureExtractor` (Keras) or
+    :class:`features.openvino_engine.OpenVINOExtractor`, one interface."""
+    if config.engine == "openvino":
+        return OpenVINOExtractor(config, batch_size=batch_size)
+    return FeatureExtractor(config, batch_size=batch_size)
+
+
 class FeatureExtractor:
     """Runs one backbone on crops in fixed-shape batches through one compiled graph per shape.
 
@@ -232,7 +265,6 @@ class FeatureExtractor:
     """
 
     def __init__(self, config: ExtractionConfig, batch_size: int | None = None):
-        import keras
         import tensorflow as tf
 
         batch_size = config.batch_size if batch_size is None else batch_size
@@ -246,26 +278,15 @@ class FeatureExtractor:
                 f"weights file {weights_file} differs from the one this config was made with "
                 f"(sha256 {config.weights_sha256}); features would not be comparable"
             )
-        keras.utils.set_random_seed(config.seed)  # random-init backbones are reproducible
-        # Keras only offers a process-wide dtype policy: set it for the build, then restore.
-        previous = keras.config.dtype_policy()
-        keras.config.set_dtype_policy(
-            "mixed_bfloat16" if config.precision == "bfloat16" else "float32"
-        )
-        try:
-            with _private_keras_seeds(config.seed):
-                self.model = self.spec.build(weights_file)
-        except Exception as exc:  # torch_legacy / h5py / keras raise many types on a bad file
-            if weights_file is None or isinstance(exc, MemoryError):
-                raise
-            raise ValueError(f"cannot load the {config.backbone} weights file {weights_file}: "
-                             f"{type(exc).__name__}: {exc}") from exc
-        finally:
-            keras.config.set_dtype_policy(previous)
+        if config.engine != "keras":
+            raise ValueError(f"FeatureExtractor runs engine 'keras', not {config.engine!r}: "
+                             "use make_extractor(config)")
+        self.model = build_backbone_model(config, self.spec, weights_file, config.precision)
         self.device = describe_device()
         # Where an image sent once per image lives (to_device); the graphs run there too.
         self._device = "/GPU:0" if self.device.startswith("GPU") else "/CPU:0"
-        log.info("backbone %s runs on %s in %s", config.backbone, self.device, config.precision)
+        log.info("backbone %s runs on %s in %s (engine keras)", config.backbone, self.device,
+                 config.precision)
         # One compiled graph per input shape; batches are padded to a fixed size to keep it so.
         # autograph=False: plain tensor code, nothing to convert (and no warning about lambdas).
         # Batches enter as uint8 and are scaled inside the graph: 4x less data to copy in, and
@@ -280,6 +301,10 @@ class FeatureExtractor:
         self._forward = tf.function(lambda x: tf.reduce_mean(maps(x), axis=[1, 2]), autograph=False)
         self._map_fn = maps
         self._pooled: dict = {}  # pooling method (None: whole map) -> compiled graph
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self.model.output_shape[-1])
 
     def check_side(self, side: int) -> None:
         if side < self.spec.min_input:
@@ -594,7 +619,7 @@ def iter_image_features(rows, config: ExtractionConfig, extractor,
     thread.start()
     row, pooled = None, None
     try:
-        if not isinstance(extractor, FeatureExtractor):
+        if not isinstance(extractor, (FeatureExtractor, OpenVINOExtractor)):
             extractor = extractor()
         while (item := items.get()) is not _END:
             kind = item[0]
@@ -730,7 +755,7 @@ def extract_to_store(
         store.write_dataset(dataset["image_id"])
         todo, hashes = plan_extraction(dataset, store, summary)
         if todo:
-            extractor = FeatureExtractor(config, batch_size=batch_size)
+            extractor = make_extractor(config, batch_size=batch_size)
             summary.device = extractor.device
             start = time.perf_counter()
             bar = tqdm(total=len(todo), unit="img", disable=not progress, desc=config.backbone)
@@ -767,8 +792,8 @@ def extract_in_memory(
     summary = ExtractionSummary()
     built = []
 
-    def build() -> FeatureExtractor:  # called once the image side runs: the two overlap
-        built.append(FeatureExtractor(config, batch_size=batch_size))
+    def build():  # called once the image side runs: the two overlap
+        built.append(make_extractor(config, batch_size=batch_size))
         summary.device = built[0].device
         return built[0]
 
@@ -784,6 +809,6 @@ def extract_in_memory(
             summary.unnormalized.append({"image_id": row.image_id, "reason": note})
     summary.seconds = time.perf_counter() - start
     meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
-    X = np.concatenate(blocks) if blocks else np.zeros((0, built[0].model.output_shape[-1]), np.float32)
+    X = np.concatenate(blocks) if blocks else np.zeros((0, built[0].feature_dim), np.float32)
     record = {**config.to_dict(), "config_hash": config.config_hash}
     return FeatureTable(meta=meta, X=X, config=record), summary

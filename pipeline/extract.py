@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline._common import add_data_options, HelpFormatter, load_data, run
 from classifiers.feature.presets import PRESET_NAMES, STORE_FIELDS, get_preset
 from features.backbones import backbone_names
-from features.config import MODES, PRECISIONS, ExtractionConfig
+from features.config import ENGINES, MODES, PRECISIONS, ExtractionConfig
 from features.pooling import POOLINGS
 
 log = logging.getLogger("pipeline.extract")
@@ -78,6 +78,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="backbone arithmetic: bfloat16 is faster on CPUs with AVX512-BF16/AMX "
                    "and on recent GPUs, with features within about 1%% of float32")
+    p.add_argument("--engine", default=d.engine, choices=ENGINES,
+                   help="what runs the backbone: 'keras' (TensorFlow; a GPU when present) or 'openvino' "
+                   "(CPU; optional: pip install openvino; EfficientNet-Lite about 2x faster in bfloat16, "
+                   "see docs/benchmarks.md). Part of the store key: the features differ in float rounding")
     p.add_argument("--stain-reference", default=None,
                    help="Macenko reference image; 'auto' (default) picks the most typical of up to 16 "
                    "dataset images; 'none' disables stain normalisation; 'model' (default with "
@@ -105,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Options of one store, as :func:`features.extract.resolve_config` takes them.
 CONFIG_OPTIONS = ("backbone", "weights", "stain_reference", "crop_size", "scale", "two_stage_model",
-                  "augmentations", "crops", "pooling", "mode", "precision", "seed", "batch_size")
+                  "augmentations", "crops", "pooling", "mode", "precision", "seed", "batch_size",
+                  "engine")
 
 
 def extract(args) -> int:

@@ -184,7 +184,8 @@ def warn_version_differences(model: TrainedModel, configs) -> list[str]:
 
     notes = []
     for name, config in zip(model.store_names, configs):
-        if changed := version_differences(config.versions, names=FEATURE_LIBRARIES):
+        libraries = FEATURE_LIBRARIES + (("openvino",) if config.engine == "openvino" else ())
+        if changed := version_differences(config.versions, names=libraries):
             notes.append(f"store {name!r} was extracted with other versions: {', '.join(changed)}")
     if changed := version_differences(model.versions, names=CLASSIFIER_LIBRARIES):
         notes.append(f"the model was trained with other versions: {', '.join(changed)}")
