@@ -297,3 +297,15 @@ def resolve_weights(spec: BackboneSpec, weights: str | None) -> Path | None:
     if not path.is_file():
         raise WeightsNotFoundError(f"weights file not found: {path}")
     return path.resolve()
+
+
+def checked_weights(spec: BackboneSpec, weights: str | None, expected_sha256: str | None) -> Path | None:
+    """:func:`resolve_weights`, refusing a file whose hash is not ``expected_sha256`` (the one
+    a config or a model records): features from other weights would not be comparable."""
+    weights_file = resolve_weights(spec, weights)
+    if weights_file is not None and weights_sha256(spec, weights_file) != expected_sha256:
+        raise ValueError(
+            f"weights file {weights_file} differs from the one this config was made with "
+            f"(sha256 {expected_sha256}); features would not be comparable"
+        )
+    return weights_file

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from data.io import read_image  # noqa: F401  (tests reach it as features.extract.read_image)
 from data.files import file_sha256
 from features.augment import effective_crop_size
-from features.backbones import get_backbone, resolve_weights, weights_sha256
+from features.backbones import checked_weights, get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.openvino_engine import OpenVINOExtractor, import_openvino
 from features.pooling import pool_features
@@ -272,12 +272,7 @@ class FeatureExtractor:
             raise ValueError("batch_size must be >= 1")
         self.config, self.batch_size = config, batch_size
         self.spec = get_backbone(config.backbone)
-        weights_file = resolve_weights(self.spec, config.weights)
-        if weights_file is not None and weights_sha256(self.spec, weights_file) != config.weights_sha256:
-            raise ValueError(
-                f"weights file {weights_file} differs from the one this config was made with "
-                f"(sha256 {config.weights_sha256}); features would not be comparable"
-            )
+        weights_file = checked_weights(self.spec, config.weights, config.weights_sha256)
         if config.engine != "keras":
             raise ValueError(f"FeatureExtractor runs engine 'keras', not {config.engine!r}: "
                              "use make_extractor(config)")

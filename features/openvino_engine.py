@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from data.files import atomic_directory, package_version
-from features.backbones import get_backbone, resolve_weights, weights_sha256
+from features.backbones import checked_weights, get_backbone
 from features.config import ExtractionConfig
 from features.feature_maps import pool_windows
 from features.pooling import pool_features
@@ -136,11 +136,7 @@ class OpenVINOExtractor:
             raise ValueError("batch_size must be >= 1")
         self.config, self.batch_size = config, batch_size
         self.spec = get_backbone(config.backbone)
-        weights_file = resolve_weights(self.spec, config.weights)
-        if weights_file is not None and weights_sha256(self.spec, weights_file) != config.weights_sha256:
-            raise ValueError(
-                f"weights file {weights_file} differs from the one this config was made with "
-                f"(sha256 {config.weights_sha256}); features would not be comparable")
+        weights_file = checked_weights(self.spec, config.weights, config.weights_sha256)
         if build_keras is None:
             def build_keras():
                 from features.extract import build_backbone_model
