@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from data.files import package_version as installed_version
 from data.files import software_versions
-from features.pooling import POOLINGS
+from features.pooling import POOLINGS, parse_instances
 
 MODES = ("exact", "shared", "whole")
 PRECISIONS = ("float32", "bfloat16")
@@ -22,7 +22,8 @@ _DESCRIPTIVE = ("weights", "weights_file", "package_version", "versions")
 
 # Fields added after format 1, left out of the hash at the value that reproduces what was
 # computed before they existed, so existing stores keep their keys.
-_OMITTED_AT = {"mode": "exact", "precision": "float32", "batch_size": 8, "engine": "keras"}
+_OMITTED_AT = {"mode": "exact", "precision": "float32", "batch_size": 8, "engine": "keras",
+               "instances": "none"}
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,11 @@ class ExtractionConfig:
         image and average-pools each crop's window of the feature map
         (``features.feature_maps``); ``"whole"`` averages the whole augmented image's map (no
         crops: ``crops`` is 1 and ``crop_size`` 0).
+    instances : ``"none"`` (one vector per augmented image), or ``"cells-AxB"`` (whole mode
+        only) to keep, beside that vector, the feature map averaged over a grid of A x B cells
+        (A along the image's longer side): the instances of a bag for multiple-instance
+        classifiers (``features.pooling.parse_instances``).  The vector of a record is then the
+        mean of its instances.
     precision : ``"float32"``, or ``"bfloat16"`` to run the backbone under Keras'
         ``mixed_bfloat16`` policy (weights stay float32, features are returned as float32).
     engine : ``"keras"`` (TensorFlow; GPU when present) or ``"openvino"`` (the backbone's Keras
@@ -68,6 +74,7 @@ class ExtractionConfig:
     scale: float = 0.5
     pooling: str = "mean"
     mode: str = "exact"
+    instances: str = "none"
     precision: str = "float32"
     stain: dict | None = None
     seed: int = 0
@@ -89,6 +96,8 @@ class ExtractionConfig:
             (0 < self.scale <= 4, "scale must be in (0, 4]"),
             (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
+            (self.instances == "none" or self.mode == "whole",
+             f"instances {self.instances!r} needs mode 'whole' (the cells of the whole image's map)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),
@@ -99,6 +108,10 @@ class ExtractionConfig:
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"invalid extraction config: {message}")
+        try:
+            parse_instances(self.instances)
+        except ValueError as exc:
+            raise ValueError(f"invalid extraction config: {exc}") from None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -131,7 +144,8 @@ class ExtractionConfig:
     def sampling(self) -> str:
         """What the backbone sees per augmentation, for logs: crops, or the whole image."""
         if self.mode == "whole":
-            return f"{self.augmentations} augmentations x whole image, scale {self.scale}"
+            cells = "" if self.instances == "none" else f" ({self.instances} instances)"
+            return f"{self.augmentations} augmentations x whole image{cells}, scale {self.scale}"
         return (f"{self.augmentations} augmentations x {self.crops} crops of {self.crop_size} px "
                 f"({self.mode}), scale {self.scale}")
 

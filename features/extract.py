@@ -33,7 +33,7 @@ from features.augment import effective_crop_size
 from features.backbones import checked_weights, get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.openvino_engine import OpenVINOExtractor, import_openvino
-from features.pooling import pool_features
+from features.pooling import mean_of_instances, pool_features
 from features.image_side import (Preprocessing, default_workers, image_items, iter_host_items,
                                  prepare_image)
 from features.stain import fit_stain_reference
@@ -386,14 +386,24 @@ class FeatureExtractor:
             return tf.identity(tf.convert_to_tensor(image))
 
     def augmented_pooled(self, image, luts: np.ndarray, windows: np.ndarray | None,
-                         pooling: str = "mean", pad_to: int | None = None) -> np.ndarray:
+                         pooling: str = "mean", pad_to: int | None = None,
+                         instances: str = "none") -> np.ndarray:
         """:meth:`pooled_maps` of ``len(luts)`` colour augmentations of one image made in the
         graph: ``image`` from :meth:`to_device`, ``luts`` ``(n, 256, 3)`` uint8 colour tables
         (:meth:`features.augment.ColorAugmentation.lut`), ``windows`` ``(n, k, 3)`` or None.
-        Equal bit for bit to :meth:`pooled_maps` of the copies augmented on the host."""
+        Equal bit for bit to :meth:`pooled_maps` of the copies augmented on the host.
+        ``instances="cells-AxB"`` (with ``windows=None``) returns ``(n, A * B, dim)``: the map
+        averaged over each cell (:func:`features.feature_maps.cell_means_graph`)."""
         n, size = len(luts), pad_to or self.batch_size
         tables = np.zeros((size, 256, 3), np.uint8)  # all-zero tables: blank padding images
         tables[:n] = luts
+        if instances != "none":
+            if windows is not None:
+                raise ValueError("instances are the cells of the whole image's map: pass windows=None")
+            key = ("cells", instances)
+            if key not in self._pooled:
+                self._pooled[key] = self._cells_graph(instances)
+            return np.asarray(self._pooled[key](image, tables))[:n]
         key = ("augmented", None if windows is None else pooling)
         if key not in self._pooled:
             self._pooled[key] = self._pooled_graph(key[1], augment=True)
@@ -419,6 +429,16 @@ class FeatureExtractor:
         if key not in self._pooled:
             self._pooled[key] = self._crops_graph(side)
         return np.asarray(self._pooled[key](image, tables, positions))[:n]
+
+    def _cells_graph(self, instances: str):
+        import tensorflow as tf
+
+        from features.augment import apply_luts_graph
+        from features.feature_maps import cell_means_graph
+
+        maps = self._map_fn
+        return tf.function(lambda image, luts: cell_means_graph(maps(apply_luts_graph(image, luts, False)),
+                                                                instances), autograph=False)
 
     def _crops_graph(self, side: int):
         import tensorflow as tf
@@ -569,10 +589,13 @@ class PooledImage:
             return
         windows = None if self.config.mode == "whole" else np.stack([w for _, w in items])
         self.done.append(self.extractor.augmented_pooled(self.image, luts, windows,
-                                                         self.config.pooling, self.size))
+                                                         self.config.pooling, self.size,
+                                                         instances=self.config.instances))
 
     def finish(self) -> np.ndarray:
-        """``(augmentations, feature_dim)`` float32."""
+        """``(augmentations, feature_dim)`` float32; with ``config.instances``,
+        ``(augmentations, instances, feature_dim)`` (:func:`features.store.make_record` keeps
+        them and their mean)."""
         if self.pending:
             self._run(self.pending)
             self.pending = []
@@ -792,13 +815,16 @@ def extract_in_memory(
         summary.device = built[0].device
         return built[0]
 
-    rows, blocks = [], []
+    rows, blocks, bags = [], [], []
     start = time.perf_counter()
     rows_in = list(dataset.itertuples(index=False))
     for row, feats, note in tqdm(iter_image_features(rows_in, config, build, summary),
                                  total=len(rows_in), disable=not progress, unit="img"):
         for aug in range(len(feats)):
             rows.append((row.image_id, row.label, row.group, aug, row.path, note, _magnification(row), ""))
+        if feats.ndim == 3:  # an instance config: the vector is their mean, as in a store's record
+            bags.append(feats)
+            feats = mean_of_instances(feats)
         blocks.append(feats)
         if note:
             summary.unnormalized.append({"image_id": row.image_id, "reason": note})
@@ -806,4 +832,5 @@ def extract_in_memory(
     meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
     X = np.concatenate(blocks) if blocks else np.zeros((0, built[0].feature_dim), np.float32)
     record = {**config.to_dict(), "config_hash": config.config_hash}
-    return FeatureTable(meta=meta, X=X, config=record), summary
+    instances = np.concatenate(bags) if bags else None
+    return FeatureTable(meta=meta, X=X, config=record, instances=instances), summary

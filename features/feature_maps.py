@@ -71,3 +71,48 @@ def window_means_graph(maps, windows, stride: int):
     total = at(r1, c1) - at(r0, c1) - at(r1, c0) + at(r0, c0)
     area = tf.cast((r1 - r0) * (c1 - c0), tf.float64)[..., None]
     return tf.cast(total / area, tf.float32)
+
+
+def cell_edges(n_cells: int, size: int) -> list[int]:
+    """Boundaries of ``n_cells`` near-equal cells over ``size`` map cells (``size >= n_cells``)."""
+    return [int(round(i * size / n_cells)) for i in range(n_cells + 1)]
+
+
+def cell_means(maps: np.ndarray, instances: str) -> np.ndarray:
+    """:func:`cell_means_graph` on the host (engines that return their maps): ``(b, h, w, C)``
+    -> ``(b, rows * cols, C)`` float32, means computed in float64."""
+    from features.pooling import grid_shape
+
+    maps = np.asarray(maps)
+    h, w = maps.shape[1:3]
+    rows, cols = grid_shape(instances, h, w)
+    if h < rows or w < cols:
+        raise ValueError(f"a {w}x{h} feature map has fewer cells than the {cols}x{rows} grid of {instances!r}")
+    ys, xs = cell_edges(rows, h), cell_edges(cols, w)
+    return np.stack([maps[:, ys[r]:ys[r + 1], xs[c]:xs[c + 1]].mean(axis=(1, 2), dtype=np.float64)
+                     for r in range(rows) for c in range(cols)], axis=1).astype(np.float32)
+
+
+def cell_means_graph(maps, instances: str):
+    """In-graph means of ``maps`` ``(b, h, w, C)`` over the cell grid of ``instances``
+    (``"cells-AxB"``, :func:`features.pooling.grid_shape`) -> ``(b, rows * cols, C)`` float32,
+    cells in row-major order, computed in float64 like the whole-map mean.
+
+    The map's height and width must be static (the extractor compiles one graph per image
+    shape) and at least the grid's (``features.image_side`` skips smaller images).
+    """
+    import tensorflow as tf
+
+    from features.pooling import grid_shape
+
+    h, w = maps.shape[1], maps.shape[2]
+    if h is None or w is None:
+        raise ValueError("cell_means_graph needs a map of static height and width")
+    rows, cols = grid_shape(instances, h, w)
+    if h < rows or w < cols:
+        raise ValueError(f"a {w}x{h} feature map has fewer cells than the {cols}x{rows} grid of {instances!r}")
+    x = tf.cast(maps, tf.float64)
+    ys, xs = cell_edges(rows, h), cell_edges(cols, w)
+    cells = [tf.reduce_mean(x[:, ys[r]:ys[r + 1], xs[c]:xs[c + 1]], axis=[1, 2])
+             for r in range(rows) for c in range(cols)]
+    return tf.cast(tf.stack(cells, axis=1), tf.float32)

@@ -30,6 +30,7 @@ from data.io import ImageReadError, read_image
 from features.augment import ColorAugmentation, draw_augmentation, effective_crop_size
 from features.backbones import get_backbone
 from features.config import ExtractionConfig
+from features.pooling import grid_shape
 from features.stain import MacenkoNormalizer
 from features.transforms import scale_image
 
@@ -65,10 +66,17 @@ def _too_small(image: np.ndarray, config: ExtractionConfig, min_input: int) -> s
     """Why the backbone cannot take this (scaled) image, else None: skipped like an unreadable one."""
     h, w = image.shape[:2]
     side = min(h, w) if config.mode == "whole" else effective_crop_size(h, w, config.crop_size)
-    if side >= min_input:
-        return None
-    return (f"too small: {w}x{h} pixels at scale {config.scale} give a side of {side}, below "
-            f"{config.backbone}'s minimum input {min_input}")
+    if side < min_input:
+        return (f"too small: {w}x{h} pixels at scale {config.scale} give a side of {side}, below "
+                f"{config.backbone}'s minimum input {min_input}")
+    if config.instances != "none":
+        stride = get_backbone(config.backbone).stride
+        rows, cols = grid_shape(config.instances, h, w)
+        if h // stride < rows or w // stride < cols:
+            return (f"too small: {w}x{h} pixels at scale {config.scale} give a feature map of about "
+                    f"{w // stride}x{h // stride} cells, fewer than the {cols}x{rows} grid of instances "
+                    f"{config.instances}")
+    return None
 
 
 def prepare_image(path, config: ExtractionConfig, prep: Preprocessing) -> tuple:

@@ -26,7 +26,7 @@ import numpy as np
 from data.files import atomic_directory, package_version
 from features.backbones import checked_weights, get_backbone
 from features.config import ExtractionConfig
-from features.feature_maps import pool_windows
+from features.feature_maps import cell_means, pool_windows
 from features.pooling import pool_features
 
 log = logging.getLogger(__name__)
@@ -199,9 +199,13 @@ class OpenVINOExtractor:
         return out
 
     def augmented_pooled(self, image, luts: np.ndarray, windows: np.ndarray | None,
-                         pooling: str = "mean", pad_to: int | None = None) -> np.ndarray:
-        """:meth:`pooled_maps` of ``len(luts)`` colour augmentations of ``image``."""
+                         pooling: str = "mean", pad_to: int | None = None,
+                         instances: str = "none") -> np.ndarray:
+        """:meth:`pooled_maps` of ``len(luts)`` colour augmentations of ``image``; with
+        ``instances``, the map's cell means (:func:`features.feature_maps.cell_means`)."""
         copies = np.stack([self._colour(image, lut) for lut in luts])
+        if instances != "none":
+            return cell_means(self._maps(copies, pad_to or self.batch_size), instances)
         return self.pooled_maps(copies, windows, pooling, pad_to)
 
     def crop_features(self, image, luts: np.ndarray, windows: np.ndarray) -> np.ndarray:

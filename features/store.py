@@ -35,6 +35,7 @@ from joblib.numpy_pickle import NumpyArrayWrapper, NumpyUnpickler
 
 from data.files import atomic_write, atomic_write_text, remove_temporaries, version_differences
 from features.config import ExtractionConfig
+from features.pooling import mean_of_instances
 
 log = logging.getLogger(__name__)
 
@@ -60,13 +61,25 @@ class FeatureTable:
     meta : DataFrame with columns ``image_id, label, group, aug, path, stain_note, magnification,
         source_sha256``; ``magnification`` is ``""`` when the data set has none (and in
         stores written before it was recorded).
-    X : float32 array ``(len(meta), n_features)``; row ``i`` belongs to ``meta.iloc[i]``.
+    X : float32 array ``(len(meta), n_features)``; row ``i`` belongs to ``meta.iloc[i]``.  In
+        an instance store, the mean of the row's instances.
     config : the extraction config record (``config.json``), including ``config_hash``.
+    instances : float32 array ``(len(meta), n_instances, n_features)`` of an instance store
+        (config ``instances`` other than ``"none"``), else ``None``.
     """
 
     meta: pd.DataFrame
     X: np.ndarray
     config: dict
+    instances: np.ndarray | None = None
+
+    def rows(self, keep) -> "FeatureTable":
+        """The table of the rows ``keep`` (a boolean mask or indices), instances included."""
+        keep = np.asarray(keep)
+        return type(self)(meta=self.meta[keep].reset_index(drop=True) if keep.dtype == bool
+                          else self.meta.iloc[keep].reset_index(drop=True),
+                          X=np.asarray(self.X)[keep], config=self.config,
+                          instances=None if self.instances is None else self.instances[keep])
 
 
 # ---------------------------------------------------------------------------------------
@@ -150,6 +163,11 @@ def _record_problem(record) -> str | None:
     features = record.get("features")
     if not isinstance(features, np.ndarray) or features.ndim != 2:
         return "field 'features' is not a 2-d array"
+    instances = record.get("instances")  # instance stores only
+    if instances is not None and (not isinstance(instances, np.ndarray) or instances.ndim != 3
+                                  or instances.shape[0] != features.shape[0]
+                                  or instances.shape[2] != features.shape[1]):
+        return "field 'instances' is not an (augmentations, instances, features) array matching 'features'"
     return None
 
 
@@ -284,17 +302,23 @@ class FeatureStore:
 
 
 def make_record(*, image_id, label, group, path, source_sha256, features, stain_note, magnification="") -> dict:
-    """One image's stored record; ``features`` is ``(n_augmentations, n_features)``."""
-    return {
+    """One image's stored record; ``features`` is ``(n_augmentations, n_features)``, or
+    ``(n_augmentations, n_instances, n_features)`` for an instance store: the record then keeps
+    them as ``instances`` and their mean as ``features`` (what every vector classifier reads)."""
+    features = np.asarray(features, dtype=np.float32)
+    record = {
         "image_id": image_id,
         "label": label,
         "group": group,
         "path": str(path),
         "source_sha256": source_sha256,
-        "features": np.asarray(features, dtype=np.float32),
+        "features": features,
         "stain_note": stain_note,
         "magnification": str(magnification),
     }
+    if features.ndim == 3:
+        record.update(features=mean_of_instances(features), instances=features)
+    return record
 
 
 def resolve_store_dir(path: Path | str) -> Path:
@@ -357,7 +381,25 @@ def load_store(path: Path | str) -> FeatureTable:
                          r.get("magnification", ""), r["source_sha256"]))
         blocks.append(r["features"])
     meta = pd.DataFrame(rows, columns=list(META_COLUMNS))
-    return FeatureTable(meta=meta, X=np.concatenate(blocks).astype(np.float32), config=config)
+    return FeatureTable(meta=meta, X=np.concatenate(blocks).astype(np.float32), config=config,
+                        instances=_stacked_instances(records, config, store_dir))
+
+
+def _stacked_instances(records: list, config: dict, store_dir: Path) -> np.ndarray | None:
+    """The instances of an instance store's records, stacked like their features; ``None`` for
+    a store of one vector per augmentation (every store made before instances existed)."""
+    if config.get("instances", "none") == "none":
+        return None
+    lacking = [r["image_id"] for r in records if r.get("instances") is None]
+    if lacking:
+        raise StoreError(f"{store_dir} is an instance store ({config['instances']}) but the records of "
+                         f"{len(lacking)} image(s) hold no instances (first: {lacking[0]}); delete them and "
+                         "rerun pipeline.extract")
+    shapes = {r["instances"].shape[1:] for r in records}
+    if len(shapes) > 1:
+        raise StoreError(f"{store_dir}: records hold instances of different shapes {sorted(shapes)}; the store "
+                         "is inconsistent, extract it again")
+    return np.concatenate([r["instances"] for r in records]).astype(np.float32)
 
 
 def exclude_images(table: FeatureTable, image_ids) -> FeatureTable:
@@ -370,6 +412,4 @@ def exclude_images(table: FeatureTable, image_ids) -> FeatureTable:
     missing = sorted(set(image_ids) - set(table.meta["image_id"]))
     if missing:
         raise StoreError(f"cannot exclude images the store does not hold: {', '.join(missing)}")
-    keep = ~table.meta["image_id"].isin(image_ids).to_numpy()
-    return FeatureTable(meta=table.meta[keep].reset_index(drop=True), X=table.X[keep],
-                        config=table.config)
+    return table.rows(~table.meta["image_id"].isin(image_ids).to_numpy())

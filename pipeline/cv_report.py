@@ -5,7 +5,7 @@ Usage::
     python -m pipeline.cv_report [--features STORE_DIR [STORE_DIR ...]] [--data DIR_OR_CSV] \\
         --out REPORT_DIR [--labels auto|classes|bach4|bmc3|binary|breakhis2|breakhis8|MAPPING.json] \\
         [--regroup MAPPING.json] [--magnification 40 ...] [--folds 6] \\
-        [--classifier xgboost|logreg|two_stage] [--seed S] [--fusion concat|mean-proba] \\
+        [--classifier xgboost|logreg|mil|two_stage] [--seed S] [--fusion concat|mean-proba] \\
         [--n-jobs 2] [--device auto|cpu|cuda] \\
         [--two-stage-preset paper|cpu] [--two-stage-config JSON] [--two-stage-stain none|auto|IMAGE]
 
@@ -30,12 +30,12 @@ from pipeline._common import cli_message, run  # first: sets passive OpenMP wait
 from pipeline._common import add_data_options, add_labels_option, load_data, print_last
 from classifiers import CLASSIFIER_NAMES, DEFAULT_CLASSIFIERS, FUSION_CHOICES, CVConfig, InputDataError, build_dataset, run_cross_validation
 from classifiers.evaluation.methods import command_line
-from classifiers.feature.estimators import DEVICE_CHOICES, DeviceUnavailableError
+from classifiers.feature.estimators import CV_CLASSIFIER_NAMES, DEVICE_CHOICES, DeviceUnavailableError
 from classifiers.feature.presets import PRESET_NAMES, get_preset
 
 logger = logging.getLogger("pipeline.cv_report")
 TWO_STAGE = "two_stage"
-ALL_CLASSIFIERS = CLASSIFIER_NAMES + (TWO_STAGE,)
+ALL_CLASSIFIERS = CV_CLASSIFIER_NAMES + (TWO_STAGE,)
 TWO_STAGE_PRESETS = ("paper", "cpu")  # classifiers.two_stage.cv.PRESETS (not imported: TensorFlow)
 
 
@@ -74,8 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=6, help="number of grouped folds (default 6)")
     parser.add_argument("--classifier", action="append", type=_choices_list(ALL_CLASSIFIERS),
                         help="xgboost, logreg, logreg-sqrt (logreg after a signed square root of every feature), "
-                        "two_stage (repeat or comma-separate; default xgboost and logreg with --features, "
-                        "two_stage with --data)")
+                        "mil (attention pooling of the instances of a store extracted with --instances: "
+                        "docs/accuracy.md), two_stage (repeat or comma-separate; default xgboost and logreg "
+                        "with --features, two_stage with --data)")
     parser.add_argument("--fusion", action="append", type=_choices_list(FUSION_CHOICES),
                         help="with several stores: concat, mean-proba or both (default both)")
     parser.add_argument("--seed", type=int, default=0, help="seed of folds and classifiers (default 0)")

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "image and pools each crop's window of the feature map (much faster, "
                    "approximate at crop borders); 'whole' averages the map of the whole augmented "
                    "image (no crops: --crops, --crop-size and --pooling do not apply)")
+    p.add_argument("--instances", default=d.instances, metavar="none|cells-AxB",
+                   help="with --mode whole: also keep the feature map averaged over a grid of A x B cells "
+                   "(A along the longer side), e.g. cells-4x3, the instances of a bag for "
+                   "pipeline.cv_report --classifier mil; the store's vector per augmentation is then "
+                   "their mean (default none: one vector per augmentation)")
     p.add_argument("--precision", default=d.precision, choices=PRECISIONS,
                    help="backbone arithmetic: bfloat16 is faster on CPUs with AVX512-BF16/AMX "
                    "and on recent GPUs, with features within about 1%% of float32")
@@ -109,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 #: Options of one store, as :func:`features.extract.resolve_config` takes them.
 CONFIG_OPTIONS = ("backbone", "weights", "stain_reference", "crop_size", "scale", "two_stage_model",
-                  "augmentations", "crops", "pooling", "mode", "precision", "seed", "batch_size",
+                  "augmentations", "crops", "pooling", "mode", "instances", "precision", "seed", "batch_size",
                   "engine")
 
 

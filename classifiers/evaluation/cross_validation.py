@@ -29,7 +29,8 @@ from sklearn.base import clone
 
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.folds import GroupedFolds
-from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, DeviceChoice, make_classifier, resolve_xgboost_device
+from classifiers.feature.estimators import (CV_CLASSIFIER_NAMES, DEVICE_CHOICES, INSTANCE_CLASSIFIER_NAMES, DeviceChoice,
+                                            make_classifier, resolve_xgboost_device)
 from classifiers.feature.tuning import PARAM_GRIDS, InnerCVClassifier, public_params
 from classifiers.evaluation.voting import vote
 
@@ -50,6 +51,8 @@ class CVConfig:
     n_folds : int, default=6
         Folds of StratifiedGroupKFold (El Agouri et al. used 6).
     classifiers : tuple of str, default=("xgboost", "logreg")
+        Any of :data:`classifiers.feature.estimators.CV_CLASSIFIER_NAMES`; ``mil`` (attention
+        pooling of the instances) needs instance stores.
     fusion : tuple of str, default=("concat", "mean-proba")
         How several stores are combined; ignored with one store.
     seed : int, default=0
@@ -81,10 +84,10 @@ class CVConfig:
         if self.device not in DEVICE_CHOICES:
             raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {self.device!r}")
         if not self.classifiers:
-            raise ValueError(f"no classifier selected; choose from {CLASSIFIER_NAMES}")
+            raise ValueError(f"no classifier selected; choose from {CV_CLASSIFIER_NAMES}")
         for name in self.classifiers:
-            if name not in CLASSIFIER_NAMES:
-                raise ValueError(f"unknown classifier {name!r}; choose from {CLASSIFIER_NAMES}")
+            if name not in CV_CLASSIFIER_NAMES:
+                raise ValueError(f"unknown classifier {name!r}; choose from {CV_CLASSIFIER_NAMES}")
         for name in self.fusion:
             if name not in FUSION_CHOICES:
                 raise ValueError(f"unknown fusion {name!r}; choose from {FUSION_CHOICES}")
@@ -146,7 +149,29 @@ class FittedModel:
 
 def _features(Xs, block, rows) -> np.ndarray:
     mats = [Xs[s] if rows is None else Xs[s][rows] for s in block]
-    return mats[0] if len(mats) == 1 else np.hstack(mats)
+    # Along the last axis: the features of a row, or of each instance of a bag.
+    return mats[0] if len(mats) == 1 else np.concatenate(mats, axis=-1)
+
+
+def run_inputs(dataset: CVDataset, classifier: str) -> list:
+    """What ``classifier`` takes from each store: the feature rows (``dataset.X``), or for an
+    instance classifier (``mil``) the bags of instances (``dataset.instances``).
+
+    Raises
+    ------
+    InputDataError
+        An instance classifier on a store of one vector per augmentation.
+    """
+    if classifier not in INSTANCE_CLASSIFIER_NAMES:
+        return dataset.X
+    instances = list(dataset.instances) or [None] * len(dataset.X)
+    lacking = [name for name, bags in zip(dataset.store_names, instances) if bags is None]
+    if lacking:
+        raise InputDataError(
+            f"classifier {classifier!r} pools instances, but store(s) {', '.join(map(repr, lacking))} hold one "
+            "vector per augmentation; extract an instance store (pipeline.extract --mode whole --instances "
+            "cells-4x3) or choose another classifier")
+    return instances
 
 
 def _aligned_proba(estimator, X, classes) -> np.ndarray:
@@ -181,16 +206,22 @@ def fit_run_model(dataset: CVDataset, spec: RunSpec, config: CVConfig, rows=None
     template = make_classifier(spec.classifier, seed=config.seed, n_jobs=config.n_jobs, device=device or "cpu")
     blocks = [spec.stores] if spec.fusion in ("single", "concat") else [(s,) for s in spec.stores]
     y = dataset.row_labels if rows is None else dataset.row_labels[rows]
-    if not config.tune:
-        estimators = [clone(template).fit(_features(dataset.X, block, rows), y) for block in blocks]
-        return FittedModel(spec, estimators, blocks, dataset.classes)
-    # Inner CV on these rows only, grouped like the outer folds (patient, else image).
+    Xs = run_inputs(dataset, spec.classifier)
+    # Inner splits on these rows only, grouped like the outer folds (patient, else image).
     groups = dataset.images["group"].to_numpy()[dataset.row_image]
     groups = groups if rows is None else groups[rows]
+    if spec.classifier in INSTANCE_CLASSIFIER_NAMES:
+        # No grid: the network chooses its epochs by early stopping on a grouped inner split.
+        estimators = [clone(template).fit(_features(Xs, block, rows), y, groups=groups) for block in blocks]
+        chosen = [{"epochs": int(est.n_epochs_)} for est in estimators] if config.tune else []
+        return FittedModel(spec, estimators, blocks, dataset.classes, chosen)
+    if not config.tune:
+        estimators = [clone(template).fit(_features(Xs, block, rows), y) for block in blocks]
+        return FittedModel(spec, estimators, blocks, dataset.classes)
     estimators, chosen = [], []
     for block in blocks:
         search = InnerCVClassifier(template, PARAM_GRIDS[spec.classifier], random_state=config.seed)
-        search.fit(_features(dataset.X, block, rows), y, groups=groups)
+        search.fit(_features(Xs, block, rows), y, groups=groups)
         estimators.append(search.best_estimator_)  # a plain estimator: saved like an untuned one
         chosen.append(public_params(search.best_params_))
     return FittedModel(spec, estimators, blocks, dataset.classes, chosen)
@@ -280,6 +311,8 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
     start = time.perf_counter()
     check_scheme(dataset, config.scheme)
     specs = plan_runs(len(dataset.X), dataset.store_names, config)
+    for spec in specs:
+        run_inputs(dataset, spec.classifier)  # an instance classifier without instances fails before training
     images = dataset.images
     image_folds = GroupedFolds(config.n_folds, config.seed).assign(images["label"].to_numpy(),
                                                                    images["group"].to_numpy())
@@ -300,7 +333,7 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
         for (clf, block), proba in blocks.items():
             spec = RunSpec(clf, clf, "single" if len(block) == 1 else "concat", block)
             model = fit_run_model(dataset, spec, config, rows=train, device=device.device if device else None)
-            proba[test] = model.predict_proba(dataset.X, rows=test)
+            proba[test] = model.predict_proba(run_inputs(dataset, clf), rows=test)
             for params in model.chosen_params:
                 store = "+".join(dataset.store_names[s] for s in block)
                 chosen[(clf, block)].append({"fold": k, "store": store, **params})

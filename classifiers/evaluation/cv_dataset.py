@@ -62,6 +62,9 @@ class CVDataset:
         binary; mapping files given as ``regroup``).
     duplicates : list of list of str
         Image ids of identical files (same ``source_sha256``), one list per content.
+    instances : list
+        Per store, its bags ``(n_rows, n_instances, n_features)`` float32 aligned with ``meta``
+        (an instance store), else ``None``; what the ``mil`` classifier takes.
     """
 
     meta: pd.DataFrame
@@ -76,6 +79,7 @@ class CVDataset:
     label_scheme: object = None
     groupings: list = field(default_factory=list)
     duplicates: list = field(default_factory=list)
+    instances: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.label_scheme is None:
@@ -104,6 +108,8 @@ def _describe(config: dict) -> str:
         parts.append(f"{config.get('crops')}x{config.get('crop_size')}")
         if config.get("pooling", "mean") != "mean":
             parts.append(str(config["pooling"]))
+    if config.get("instances", "none") != "none":
+        parts.append(str(config["instances"]))
     return "-".join(parts)
 
 
@@ -123,8 +129,9 @@ def _store_names(configs: list) -> list:
     return names
 
 
-def _validated_frame(table, name: str) -> tuple[pd.DataFrame, np.ndarray]:
-    """Check one FeatureTable and return its meta and X sorted by (image_id, aug)."""
+def _validated_frame(table, name: str) -> tuple[pd.DataFrame, np.ndarray, np.ndarray | None]:
+    """Check one FeatureTable and return its meta, X and instances (``None`` when it has none)
+    sorted by (image_id, aug)."""
     meta, X = table.meta, np.asarray(table.X)
     missing = [c for c in REQUIRED_META_COLUMNS if c not in meta.columns]
     if missing:
@@ -160,7 +167,14 @@ def _validated_frame(table, name: str) -> tuple[pd.DataFrame, np.ndarray]:
                 "fix the manifest and re-extract"
             )
     order = np.lexsort((meta["aug"].to_numpy(), meta["image_id"].to_numpy()))
-    return meta.iloc[order].reset_index(drop=True), X[order]
+    instances = getattr(table, "instances", None)
+    if instances is not None:
+        instances = np.asarray(instances)
+        if instances.ndim != 3 or instances.shape[0] != len(meta) or instances.shape[2] != X.shape[1]:
+            raise InputDataError(f"store {name!r}: instances have shape {instances.shape} for {X.shape} features; "
+                                 "the store is corrupt, re-run the feature extraction")
+        instances = np.ascontiguousarray(instances[order], dtype=np.float32)
+    return meta.iloc[order].reset_index(drop=True), X[order], instances
 
 
 def _check_same_rows(metas: list, names: list) -> None:
@@ -275,7 +289,7 @@ def at_magnification(table, magnification, name: str = "store"):
     except ValueError as exc:
         raise InputDataError(str(exc)) from None
     rows = meta["image_id"].astype(str).isin(kept).to_numpy()
-    return type(table)(meta=meta[rows].reset_index(drop=True), X=np.asarray(table.X)[rows], config=table.config)
+    return _with_rows(table, rows)
 
 
 def with_breakhis_patients(table, grouping: str):
@@ -296,7 +310,16 @@ def with_breakhis_patients(table, grouping: str):
         sets = [list(idx) for digest, idx in per_image.groupby(sha).indices.items() if digest and len(idx) > 1]
         groups = join_groups(groups, sets)
     meta["group"] = meta["image_id"].astype(str).map(dict(zip(per_image["image_id"].astype(str), groups)))
-    return type(table)(meta=meta, X=table.X, config=table.config)
+    return _with_rows(table, np.arange(len(meta)), meta)
+
+
+def _with_rows(table, rows, meta=None):
+    """``table`` (a FeatureTable or alike) with ``rows`` and their instances, if any; ``meta``
+    replaces the selected meta."""
+    meta = table.meta[rows].reset_index(drop=True) if meta is None else meta
+    instances = getattr(table, "instances", None)
+    extra = {} if instances is None else {"instances": np.asarray(instances)[rows]}
+    return type(table)(meta=meta, X=np.asarray(table.X)[rows], config=table.config, **extra)
 
 
 def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=None,
@@ -344,6 +367,7 @@ def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=N
         tables = [with_breakhis_patients(t, breakhis_patients) for t in tables]
     frames = [_validated_frame(t, n) for t, n in zip(tables, names)]
     metas, Xs = [f[0] for f in frames], [np.ascontiguousarray(f[1], dtype=np.float32) for f in frames]
+    instances = [f[2] for f in frames]
     _check_same_rows(metas, names)
 
     meta = metas[0].rename(columns={"label": "source_label"})
@@ -385,4 +409,5 @@ def build_dataset(tables, scheme="auto", names=None, regroup=(), magnification=N
         label_scheme=label_scheme,
         groupings=regroupings(label_scheme, regroup),
         duplicates=_duplicates(meta),
+        instances=instances if any(i is not None for i in instances) else [],
     )

@@ -20,12 +20,18 @@ _STATED_PARAMS = {
                 "min_child_weight", "reg_lambda"),
     "logreg": ("C", "max_iter", "tol"),
     "logreg-sqrt": ("C", "max_iter", "tol"),
+    "mil": ("hidden", "attention", "dropout", "weight_decay", "learning_rate", "max_epochs", "batch_size",
+            "validation_fraction", "patience", "refit"),
 }
 _CLASSIFIER_WORDS = {
     "xgboost": "gradient-boosted trees (XGBoost, tree method hist)",
     "logreg": "L2-regularised multinomial logistic regression on standardised features (scikit-learn)",
     "logreg-sqrt": "L2-regularised multinomial logistic regression on standardised features after a signed "
                    "square root of every feature, sign(x)*sqrt(|x|) (power normalisation; scikit-learn)",
+    "mil": "gated attention-based multiple-instance pooling (Ilse et al. 2018) of the instances of each "
+           "augmented image (a dense projection, tanh and sigmoid attention branches, a softmax layer; "
+           "Keras, AdamW), trained with early stopping on a grouped, stratified inner split of each "
+           "training fold",
     "two_stage": "the two-stage CNN of Nazeri et al. (2018), trained inside each training fold (its "
                  "configuration is in the report's two-stage section)",
 }
@@ -88,6 +94,7 @@ def _store_methods(name: str, config: dict, unnormalised: list, paths=()) -> dic
         "unnormalised": unnormalised,
         **{key: config.get(key) for key in ("augmentations", "color_gain", "color_shift", "crops", "crop_size",
                                              "scale", "mode", "pooling", "precision", "seed", "batch_size")},
+        "instances": config.get("instances", "none"),
         "crop_sides": [] if whole else crop_sides(paths, config["crop_size"], config.get("scale", 1.0)),
         "config_hash": config.get("config_hash"),
         "versions": config.get("versions") or {},
@@ -123,7 +130,7 @@ def describe_methods(result, command: str | None = None) -> dict:
             "name": clf,
             "words": _CLASSIFIER_WORDS.get(clf, clf),
             "params": _classifier_params(clf),
-            "tuned": bool(config.tune),
+            "tuned": bool(config.tune) and clf in PARAM_GRIDS,
             "grid": {k.rsplit("__", 1)[-1]: v for k, v in PARAM_GRIDS.get(clf, {}).items()} if config.tune else {},
             "chosen": _chosen_summary(chosen),
         })
@@ -165,7 +172,12 @@ def _words(name: str) -> str:
 def _sampling(store: dict) -> str:
     scale = store.get("scale")
     if store.get("mode") == "whole":
-        return f"the whole augmented image, resized by {scale}, was passed through the network"
+        cells = store.get("instances", "none")
+        kept = ("" if cells in (None, "none") else
+                f", and its feature map was also averaged over each cell of a {cells[len('cells-'):]} grid "
+                "(cells along the longer side first): the instances of the multiple-instance classifier, whose "
+                "mean is the image's feature vector")
+        return f"the whole augmented image, resized by {scale}, was passed through the network{kept}"
     shared = (" (the network ran once per augmented image and each crop's window of its feature map "
               "was average-pooled)" if store.get("mode") == "shared" else "")
     sides, size = store.get("crop_sides") or [], store.get("crop_size")

@@ -34,10 +34,14 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 logger = logging.getLogger(__name__)
 
-#: Names accepted by :func:`make_classifier` (and ``--classifier``).
+#: Classifiers of one feature vector per row: trained, saved and cross-validated (``--classifier``).
 CLASSIFIER_NAMES = ("xgboost", "logreg", "logreg-sqrt")
 #: The classifiers a cross-validation compares when none is named.
 DEFAULT_CLASSIFIERS = ("xgboost", "logreg")
+#: Classifiers of bags of instances (instance stores, ``--instances cells-AxB``): cross-validated.
+INSTANCE_CLASSIFIER_NAMES = ("mil",)
+#: Every name :func:`make_classifier` builds.
+CV_CLASSIFIER_NAMES = CLASSIFIER_NAMES + INSTANCE_CLASSIFIER_NAMES
 #: Values accepted for the XGBoost ``device`` parameter.
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -381,7 +385,9 @@ def make_classifier(name: str, *, seed: int = 0, n_jobs: int = 2, device: str = 
 
     Parameters
     ----------
-    name : {"xgboost", "logreg", "logreg-sqrt"}
+    name : {"xgboost", "logreg", "logreg-sqrt", "mil"}
+        ``mil``: :class:`classifiers.feature.mil.AttentionMILClassifier`, which takes bags
+        ``(n_rows, n_instances, n_features)`` and ``groups`` in ``fit``.
     seed : int
         Random seed passed to the estimator.
     n_jobs : int
@@ -399,4 +405,8 @@ def make_classifier(name: str, *, seed: int = 0, n_jobs: int = 2, device: str = 
         return XGBoostFeatureClassifier(random_state=seed, n_jobs=n_jobs, device=device)
     if name in ("logreg", "logreg-sqrt"):
         return make_logreg(random_state=seed, signed_sqrt=name == "logreg-sqrt")
-    raise ValueError(f"unknown classifier {name!r}; choose from {CLASSIFIER_NAMES}")
+    if name == "mil":
+        from classifiers.feature.mil import AttentionMILClassifier
+
+        return AttentionMILClassifier(random_state=seed)
+    raise ValueError(f"unknown classifier {name!r}; choose from {CV_CLASSIFIER_NAMES}")
