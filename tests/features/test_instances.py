@@ -112,3 +112,17 @@ def test_instance_store_with_a_record_lacking_instances_is_refused(tmp_path):
         store.write(_record(1, features=np.ones((2, 3))))
     with pytest.raises(StoreError, match=r"instance store \(cells-2x1\) but the records of 1 image"):
         load_store(store.path)
+
+
+def test_openvino_engine_gives_the_keras_instances(tiny_dataset, tmp_path, monkeypatch):
+    pytest.importorskip("openvino")
+    from features import openvino_engine
+
+    monkeypatch.setenv(openvino_engine.CACHE_ENV, str(tmp_path / "ov-cache"))
+    keras_config = make_config(tiny_dataset.iloc[:2], instances="cells-2x2", **TINY_WHOLE)
+    ov_config = make_config(tiny_dataset.iloc[:2], instances="cells-2x2", engine="openvino", **TINY_WHOLE)
+    expected, _ = extract_in_memory(tiny_dataset.iloc[:2], keras_config)
+    got, _ = extract_in_memory(tiny_dataset.iloc[:2], ov_config)
+    assert got.instances.shape == expected.instances.shape == (4, 4, 1280)
+    # The engines' stated tolerance (tests/features/test_openvino_engine.py): 1e-4 of the largest.
+    assert np.abs(got.instances - expected.instances).max() <= 1e-4 * np.abs(expected.instances).max()
