@@ -9,9 +9,11 @@ In one run, prints a table a reader can compare between machines:
    matmul figure, peak resident memory of the worker (``VmHWM``; it includes the prepared
    inputs of one image, 270 MB for 8 x 20 crops of 750), and the projected hours of the paper
    protocol (400 images x 40 augmentations x 20 crops) at that speed;
-3. the ratios of issue #6, printed against their targets (never asserted): shared / exact
-   crops/s, bfloat16 / float32 crops/s with the mean cosine between the bfloat16 and float32
-   features of the same crops and weights, float32 fraction of matmul;
+3. the ratios of issues #6 and #16, printed against their targets (never asserted): shared /
+   exact crops/s, bfloat16 / float32 crops/s with the mean cosine between the bfloat16 and
+   float32 features of the same crops and weights, float32 fraction of matmul; with
+   ``--engines keras openvino``, each other engine's crops/s over the Keras float32 row of the
+   same backbone and mode, with the cosine between their features of the same crops;
 4. with ``--data``: wall time and peak memory of a full ``pipeline.extract`` run on 1, 10 and
    all images (time should grow linearly, memory stay flat).
 
@@ -25,6 +27,8 @@ Usage::
 
     python benchmarks/backbone_throughput.py [--crop-size 750] [--json runs/throughput.json] \\
         [--data ../shared/datasets/bach-dev]
+    python benchmarks/backbone_throughput.py --backbones efficientnet_lite0 resnet50 --modes shared \
+        --engines keras openvino      # the engines compared, interleaved in one run
 """
 from __future__ import annotations
 
@@ -46,24 +50,31 @@ ROOT = HERE.parent
 
 @dataclass(frozen=True)
 class Targets:
-    """The targets of issue #6, printed beside the measurements (never asserted).
+    """The targets of issue #6, raised by issue #16, printed beside the measurements (never
+    asserted).
 
     Attributes
     ----------
     shared_speedup : shared / exact crops/s, for ``shared_backbones``.
-    matmul_fraction : float32 achieved GFLOP/s / matmul GFLOP/s, for ``matmul_backbones``.
+    matmul_fraction : float32 achieved GFLOP/s / matmul GFLOP/s, for ``matmul_backbones`` (issue
+        #6: 0.75; #16: 0.85 in both modes).
     bf16_speedup, bf16_cosine : bfloat16 / float32 crops/s and mean feature cosine.
-    protocol_hours : wall time of the paper protocol below, in hours.
+    protocol_hours : wall time of the paper protocol below, in hours (#6: 2; #16: 1.5 in
+        shared bfloat16).
+    engine_speedup : crops/s of the fastest row of an engine / the Keras float32 row, same mode,
+        for ``engine_backbones`` (#16: EfficientNet-Lite0 2x in shared mode).
     protocol_images, protocol_augmentations, protocol_crops : the paper protocol.
     """
 
     shared_speedup: float = 8.0
     shared_backbones: tuple = ("resnet50",)
-    matmul_fraction: float = 0.75
+    matmul_fraction: float = 0.85
     matmul_backbones: tuple = ("resnet50", "xception")
     bf16_speedup: float = 1.2
     bf16_cosine: float = 0.99
-    protocol_hours: float = 2.0
+    protocol_hours: float = 1.5
+    engine_speedup: float = 2.0
+    engine_backbones: tuple = ("efficientnet_lite0",)
     protocol_images: int = 400
     protocol_augmentations: int = 40
     protocol_crops: int = 20
@@ -111,7 +122,7 @@ def resolve_config(backbone: str, weights: str, **options):
 
 def measure_backbone(backbone: str, mode: str, precision: str, weights: str, crop_size: int,
                      crops: int, augmentations: int, batch_size: int, image_hw: tuple[int, int],
-                     seconds: float, features_out: str) -> dict:
+                     seconds: float, features_out: str, engine: str = "keras") -> dict:
     """Crops/s of one backbone, mode and precision (runs in a worker process).
 
     Times whole images (``augmentations`` augmented copies each) for at least ``seconds``, and
@@ -122,11 +133,12 @@ def measure_backbone(backbone: str, mode: str, precision: str, weights: str, cro
 
     from data.synthetic import make_image
     from features.augment import ColorAugmentation, augmented_crops, draw_augmentation
-    from features.extract import FeatureExtractor, ImageBatcher, MapBatcher
+    from features.extract import ImageBatcher, MapBatcher, make_extractor
 
     config = resolve_config(backbone, weights, crop_size=crop_size, crops=crops,
-                            augmentations=augmentations, mode=mode, precision=precision)
-    extractor = FeatureExtractor(config, batch_size=batch_size)
+                            augmentations=augmentations, mode=mode, precision=precision,
+                            engine=engine)
+    extractor = make_extractor(config, batch_size=batch_size)
     image = make_image("invasive", np.random.default_rng(0), size=tuple(image_hw))
     color = ColorAugmentation(config.color_gain, config.color_shift)
     h, w = image.shape[:2]
@@ -165,7 +177,8 @@ def measure_backbone(backbone: str, mode: str, precision: str, weights: str, cro
             np.save(features_out, features)
         done += crops * augmentations
     elapsed = time.perf_counter() - start
-    return {"backbone": backbone, "mode": mode, "precision": precision,
+    return {"backbone": backbone, "engine": engine, "mode": mode, "precision": precision,
+            "device": extractor.device, "load_average_1min": os.getloadavg()[0],
             "weights": config.weights, "weights_sha256": config.weights_sha256,
             "seed": config.seed, "crop_side": int(payloads[0][1][0, 2]) if mode == "shared"
             else int(payloads[0].shape[1]), "crops_timed": done, "seconds_timed": elapsed,
@@ -280,68 +293,102 @@ def _weights_label(row: dict) -> str:
     return row["weights"] if row["weights"] != "none" else f"random(seed {row['seed']})"
 
 
-def summarize(rows: list[dict], cosines: dict, targets: Targets) -> tuple[list[str], dict]:
-    """The ratio lines of issue #6 and the same numbers as a dict (for ``--json``).
+def _cos_text(cos: dict | None) -> str:
+    if not cos:
+        return "cosine n/a"
+    return (f"cosine mean {cos['mean']:.4f} min {cos['min']:.4f} "
+            f"(other crops {cos['between_crops']:.3f})")
 
-    A section whose pairs were not measured (one mode or one precision only) is left out.
+
+def summarize(rows: list[dict], cosine, targets: Targets) -> tuple[list[str], dict]:
+    """The ratio lines of issues #6 and #16 and the same numbers as a dict (for ``--json``).
+
+    ``cosine(a, b)`` gives :func:`cosine_stats` of the features of rows ``a`` and ``b`` (keys
+    ``(backbone, engine, mode, precision)``: the same crops), or None.  A section whose pairs
+    were not measured (one mode, one precision or one engine only) is left out.
     """
-    find = {(r["backbone"], r["mode"], r["precision"]): r for r in rows if "error" not in r}
-    sections = {"shared_over_exact": [], "bf16_over_f32": [], "f32_matmul_fraction": []}
+    find = {(r["backbone"], r.get("engine", "keras"), r["mode"], r["precision"]): r
+            for r in rows if "error" not in r}
+    sections = {"shared_over_exact": [], "bf16_over_f32": [], "f32_matmul_fraction": [],
+                "engine_over_keras": []}
     text = {key: [] for key in sections}
 
-    for (backbone, mode, precision), shared in find.items():
-        exact = find.get((backbone, "exact", precision))
+    def same_weights(a, b):
+        return (a["weights"], a["weights_sha256"]) == (b["weights"], b["weights_sha256"])
+
+    for (backbone, engine, mode, precision), shared in find.items():
+        exact = find.get((backbone, engine, "exact", precision))
         if mode != "shared" or exact is None:
             continue
         ratio = shared["crops_per_s"] / exact["crops_per_s"]
         target = targets.shared_speedup if backbone in targets.shared_backbones else None
         verdict = f"  target met: {_mark(ratio >= target)}" if target else ""
-        text["shared_over_exact"].append(f"  {backbone:20s} {precision:9s} {ratio:6.1f}x{verdict}")
+        text["shared_over_exact"].append(
+            f"  {backbone:20s} {engine:8s} {precision:9s} {ratio:6.1f}x{verdict}")
         sections["shared_over_exact"].append(
-            {"backbone": backbone, "precision": precision, "ratio": ratio, "target": target})
+            {"backbone": backbone, "engine": engine, "precision": precision, "ratio": ratio,
+             "target": target})
 
-    for (backbone, mode, precision), bf16 in find.items():
-        f32 = find.get((backbone, mode, "float32"))
+    for (backbone, engine, mode, precision), bf16 in find.items():
+        f32 = find.get((backbone, engine, mode, "float32"))
         if precision != "bfloat16" or f32 is None:
             continue
         ratio = bf16["crops_per_s"] / f32["crops_per_s"]
-        same = (bf16["weights"], bf16["weights_sha256"]) == (f32["weights"], f32["weights_sha256"])
-        cos = cosines.get((backbone, mode)) if same else None
-        if cos:
-            cos_text = (f"cosine mean {cos['mean']:.4f} min {cos['min']:.4f} "
-                        f"(other crops {cos['between_crops']:.3f})")
-        else:
-            cos_text = "cosine n/a"
+        cos = (cosine((backbone, engine, mode, precision), (backbone, engine, mode, "float32"))
+               if same_weights(bf16, f32) else None)
         met = (cos is not None and ratio >= targets.bf16_speedup
                and cos["mean"] >= targets.bf16_cosine)
         # Random-init cosines are near 1 for any two crops: they cannot show the target is met.
         caveat = " (random weights: cosine inconclusive)" if f32["weights"] == "none" else ""
-        text["bf16_over_f32"].append(f"  {backbone:20s} {mode:7s} {ratio:5.2f}x  {cos_text}  "
-                                     f"target met: {_mark(met)}{caveat}")
+        text["bf16_over_f32"].append(f"  {backbone:20s} {engine:8s} {mode:7s} {ratio:5.2f}x  "
+                                     f"{_cos_text(cos)}  target met: {_mark(met)}{caveat}")
         sections["bf16_over_f32"].append(
-            {"backbone": backbone, "mode": mode, "ratio": ratio, "cosine": cos,
+            {"backbone": backbone, "engine": engine, "mode": mode, "ratio": ratio, "cosine": cos,
              "weights": _weights_label(f32), "target_met": met})
 
-    for (backbone, mode, precision), r in find.items():
+    for (backbone, engine, mode, precision), r in find.items():
         if precision != "float32":
             continue
         target = targets.matmul_fraction if backbone in targets.matmul_backbones else None
         verdict = f"  target met: {_mark(r['matmul_fraction'] >= target)}" if target else ""
         text["f32_matmul_fraction"].append(
-            f"  {backbone:20s} {mode:7s} {100 * r['matmul_fraction']:5.1f}%{verdict}")
+            f"  {backbone:20s} {engine:8s} {mode:7s} {100 * r['matmul_fraction']:5.1f}%{verdict}")
         sections["f32_matmul_fraction"].append(
-            {"backbone": backbone, "mode": mode, "fraction": r["matmul_fraction"],
-             "target": target})
+            {"backbone": backbone, "engine": engine, "mode": mode,
+             "fraction": r["matmul_fraction"], "target": target})
+
+    for (backbone, engine, mode, precision), r in find.items():
+        keras = find.get((backbone, "keras", mode, "float32"))
+        if engine == "keras" or keras is None:
+            continue
+        ratio = r["crops_per_s"] / keras["crops_per_s"]
+        cos = (cosine((backbone, engine, mode, precision), (backbone, "keras", mode, "float32"))
+               if same_weights(r, keras) else None)
+        target = (targets.engine_speedup if backbone in targets.engine_backbones
+                  and mode == "shared" else None)
+        verdict = f"  target met: {_mark(ratio >= target)}" if target else ""
+        caveat = " (random weights: cosine inconclusive)" if keras["weights"] == "none" else ""
+        text["engine_over_keras"].append(
+            f"  {backbone:20s} {engine:8s} {mode:7s} {precision:9s} {ratio:5.2f}x  "
+            f"{100 * r['matmul_fraction']:5.1f}% of matmul  {_cos_text(cos)}{verdict}{caveat}")
+        sections["engine_over_keras"].append(
+            {"backbone": backbone, "engine": engine, "mode": mode, "precision": precision,
+             "ratio": ratio, "matmul_fraction": r["matmul_fraction"], "cosine": cos,
+             "weights": _weights_label(keras), "target": target})
 
     headers = {
         "shared_over_exact": f"shared / exact crops/s (target >= {targets.shared_speedup:g}x "
                              f"for {', '.join(targets.shared_backbones)}):",
-        "bf16_over_f32": f"bfloat16 / float32 crops/s (target >= {targets.bf16_speedup:g}x "
-                         f"with mean feature cosine >= {targets.bf16_cosine:g}; same crops, "
-                         f"same weights):",
+        "bf16_over_f32": f"bfloat16 / float32 crops/s, same engine (target >= "
+                         f"{targets.bf16_speedup:g}x with mean feature cosine >= "
+                         f"{targets.bf16_cosine:g}; same crops, same weights):",
         "f32_matmul_fraction": f"float32 achieved / matmul GFLOP/s (target >= "
                                f"{100 * targets.matmul_fraction:.0f}% for "
-                               f"{', '.join(targets.matmul_backbones)}):",
+                               f"{', '.join(targets.matmul_backbones)}, both modes):",
+        "engine_over_keras": f"engine / Keras float32 crops/s, same backbone and mode (target >= "
+                             f"{targets.engine_speedup:g}x for "
+                             f"{', '.join(targets.engine_backbones)} in shared mode); feature "
+                             f"cosine against Keras float32 on the same crops:",
     }
     lines = [line for key in sections if text[key] for line in (headers[key], *text[key])]
     return lines, sections
@@ -367,6 +414,9 @@ def main(argv=None) -> None:
                    default=["resnet50", "xception", "efficientnet_lite0"])
     p.add_argument("--modes", nargs="+", default=["exact", "shared"])
     p.add_argument("--precisions", nargs="+", default=["float32", "bfloat16"])
+    p.add_argument("--engines", nargs="+", default=["keras"], choices=["keras", "openvino"],
+                   help="inference engines, run one after the other for each backbone, mode and "
+                   "precision (interleaved: the load of a shared machine hits them alike)")
     p.add_argument("--weights", default="imagenet",
                    help="'imagenet' (random init where the file is missing) or 'none'")
     p.add_argument("--crop-size", type=int, default=750)
@@ -406,54 +456,55 @@ def main(argv=None) -> None:
           f"x {args.crops} crops of {crop_side}, batch {args.batch_size}, >= {args.seconds:g} s "
           f"per row; projection: {targets.protocol_images} images x "
           f"{targets.protocol_augmentations} aug x {targets.protocol_crops} crops, backbone only")
-    print(f"{'backbone':20s} {'mode':7s} {'precision':9s} {'weights':16s} {'crops/s':>8s} "
-          f"{'GFLOP/s':>8s} {'%matmul':>7s} {'peak MB':>8s} {'paper h':>8s} "
-          f"{'<=' + format(targets.protocol_hours, 'g') + 'h':>5s}", flush=True)
+    print(f"{'backbone':20s} {'engine':8s} {'mode':7s} {'precision':9s} {'weights':16s} "
+          f"{'crops/s':>8s} {'GFLOP/s':>8s} {'%matmul':>7s} {'peak MB':>8s} {'paper h':>8s} "
+          f"{'<=' + format(targets.protocol_hours, 'g') + 'h':>5s} {'load':>5s}", flush=True)
     flops = {b: backbone_flops(b, crop_side, image_hw) for b in args.backbones}
-    cosines = {}
+
+    def run_row(backbone: str, engine: str, mode: str, precision: str, features_out: Path) -> None:
+        kwargs = dict(backbone=backbone, engine=engine, mode=mode, precision=precision,
+                      weights=args.weights, crop_size=args.crop_size, crops=args.crops,
+                      augmentations=args.augmentations, batch_size=args.batch_size,
+                      image_hw=image_hw, seconds=args.seconds, features_out=str(features_out))
+        label = f"{backbone:20s} {engine:8s} {mode:7s} {precision:9s}"
+        code, out, err = run_child(["--worker", json.dumps(kwargs)])
+        if code != 0:  # e.g. out of memory or no openvino: report it and go on with the others
+            reason = (err.strip().splitlines() or [f"exit code {code}"])[-1]
+            results["rows"].append({"backbone": backbone, "engine": engine, "mode": mode,
+                                    "precision": precision, "error": reason})
+            print(f"{label} failed: {reason}", flush=True)
+            save()
+            return
+        row = json.loads(out.strip().splitlines()[-1])
+        # What really runs: the backbone on each crop, or once per augmented image.
+        per_crop = (flops[backbone]["crop"] if mode == "exact"
+                    else flops[backbone]["image"] / args.crops)
+        row.update(crops=args.crops, gflop_per_crop=per_crop / 1e9,
+                   achieved_gflops=row["crops_per_s"] * per_crop / 1e9)
+        row["matmul_fraction"] = row["achieved_gflops"] / peak
+        row["paper_protocol_hours"] = projected_hours(row, targets)
+        row["paper_protocol_within_target"] = row["paper_protocol_hours"] <= targets.protocol_hours
+        results["rows"].append(row)
+        print(f"{label} {_weights_label(row):16s} {row['crops_per_s']:8.2f} "
+              f"{row['achieved_gflops']:8.1f} {100 * row['matmul_fraction']:6.1f}% "
+              f"{row['peak_rss_mb']:8.0f} {row['paper_protocol_hours']:8.2f} "
+              f"{_mark(row['paper_protocol_within_target']):>5s} "
+              f"{row['load_average_1min']:5.1f}", flush=True)
+        save()
+
     with tempfile.TemporaryDirectory() as tmp:
+        def features_file(key) -> Path:
+            return Path(tmp) / ("-".join(key) + ".npy")
+
         for backbone in args.backbones:
             for mode in args.modes:
                 for precision in args.precisions:
-                    features_out = Path(tmp) / f"{backbone}-{mode}-{precision}.npy"
-                    kwargs = dict(backbone=backbone, mode=mode, precision=precision,
-                                  weights=args.weights, crop_size=args.crop_size,
-                                  crops=args.crops, augmentations=args.augmentations,
-                                  batch_size=args.batch_size, image_hw=image_hw,
-                                  seconds=args.seconds, features_out=str(features_out))
-                    code, out, err = run_child(["--worker", json.dumps(kwargs)])
-                    if code != 0:  # e.g. out of memory: report it and go on with the others
-                        reason = (err.strip().splitlines() or [f"exit code {code}"])[-1]
-                        row = {"backbone": backbone, "mode": mode, "precision": precision,
-                               "error": reason}
-                        results["rows"].append(row)
-                        print(f"{backbone:20s} {mode:7s} {precision:9s} failed: {reason}",
-                              flush=True)
-                        save()
-                        continue
-                    row = json.loads(out.strip().splitlines()[-1])
-                    # What really runs: the backbone on each crop, or once per augmented image.
-                    per_crop = (flops[backbone]["crop"] if mode == "exact"
-                                else flops[backbone]["image"] / args.crops)
-                    row.update(crops=args.crops, gflop_per_crop=per_crop / 1e9,
-                               achieved_gflops=row["crops_per_s"] * per_crop / 1e9)
-                    row["matmul_fraction"] = row["achieved_gflops"] / peak
-                    row["paper_protocol_hours"] = projected_hours(row, targets)
-                    row["paper_protocol_within_target"] = (row["paper_protocol_hours"]
-                                                           <= targets.protocol_hours)
-                    results["rows"].append(row)
-                    print(f"{backbone:20s} {mode:7s} {precision:9s} {_weights_label(row):16s} "
-                          f"{row['crops_per_s']:8.2f} {row['achieved_gflops']:8.1f} "
-                          f"{100 * row['matmul_fraction']:6.1f}% {row['peak_rss_mb']:8.0f} "
-                          f"{row['paper_protocol_hours']:8.2f} "
-                          f"{_mark(row['paper_protocol_within_target']):>5s}", flush=True)
-                    save()
-                if {"float32", "bfloat16"} <= set(args.precisions):
-                    cos = cosine_stats(Path(tmp) / f"{backbone}-{mode}-float32.npy",
-                                       Path(tmp) / f"{backbone}-{mode}-bfloat16.npy")
-                    if cos is not None:
-                        cosines[(backbone, mode)] = cos
-    lines, results["ratios"] = summarize(results["rows"], cosines, targets)
+                    for engine in args.engines:
+                        run_row(backbone, engine, mode, precision,
+                                features_file((backbone, engine, mode, precision)))
+        lines, results["ratios"] = summarize(
+            results["rows"], lambda a, b: cosine_stats(features_file(a), features_file(b)),
+            targets)
     print("\n".join(lines), flush=True)
     save()
     if args.data:
