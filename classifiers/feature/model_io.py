@@ -37,7 +37,8 @@ from sklearn.preprocessing import StandardScaler
 from data.files import atomic_directory, check_output_dir, file_sha256, package_version, software_versions
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, check_scheme, fit_run_model
-from classifiers.feature.estimators import CLASSIFIER_NAMES, DEVICE_CHOICES, SignedSquareRoot, XGBoostFeatureClassifier
+from classifiers.feature.estimators import (CLASSIFIER_NAMES, DEVICE_CHOICES, INSTANCE_CLASSIFIER_NAMES, SignedSquareRoot,
+                                            XGBoostFeatureClassifier)
 from classifiers.feature.booster_check import BoosterFormatError, check_booster_json
 
 #: Version of the model-directory layout; a directory of another version is refused.
@@ -92,6 +93,10 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` on unknown names or bad numbers."""
+        if self.classifier in INSTANCE_CLASSIFIER_NAMES:
+            raise ValueError(f"classifier {self.classifier!r} is cross-validated only (pipeline.cv_report "
+                             "--classifier mil); a saved model of it is not built yet: train one of "
+                             f"{', '.join(CLASSIFIER_NAMES)} (on an instance store they read the mean of the instances)")
         if self.classifier not in CLASSIFIER_NAMES:
             raise ValueError(f"unknown classifier {self.classifier!r}; choose from {CLASSIFIER_NAMES}")
         if self.fusion not in FUSION_CHOICES:

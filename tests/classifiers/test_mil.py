@@ -111,3 +111,60 @@ def test_mil_on_a_store_without_instances_fails_before_training():
     dataset = build_dataset([_table(X, y, images, instances=False)], scheme="bach4")
     with pytest.raises(InputDataError, match="hold one vector per augmentation; extract an instance store"):
         run_cross_validation(dataset, CVConfig(classifiers=("logreg", "mil"), n_folds=3))
+
+
+def _write_instance_store(root, X, y, images):
+    """An instance store on disk as pipeline.extract writes it (cells-3x2: 6 instances)."""
+    from features.config import ExtractionConfig
+    from features.store import FeatureStore, make_record
+
+    config = ExtractionConfig(backbone="synthetic", weights="none", augmentations=2, mode="whole", crops=1,
+                              crop_size=0, instances="cells-3x2")
+    with FeatureStore(root, config).open() as store:
+        for image in dict.fromkeys(images):
+            rows = np.flatnonzero(images == image)
+            store.write(make_record(image_id=str(image), label=str(y[rows[0]]), group=str(image), path=f"/d/{image}",
+                                    source_sha256="0" * 64, features=X[rows], stain_note=None))
+    return store.path
+
+
+def test_cv_report_runs_mil_on_an_instance_store_and_refuses_a_plain_one(tmp_path, monkeypatch, capsys):
+    import classifiers.evaluation.cross_validation as cv
+    from pipeline.cv_report import main
+
+    build = cv.make_classifier
+    monkeypatch.setattr(cv, "make_classifier", lambda name, **kw: AttentionMILClassifier(
+        **FAST, random_state=kw["seed"]) if name == "mil" else build(name, **kw))
+    X, y, images = bags(n_images=48, seed=5)
+    store = _write_instance_store(tmp_path / "stores", X, y, images)
+    out = tmp_path / "report"
+    main(["--features", str(store), "--out", str(out), "--folds", "3", "--classifier", "mil,logreg", "--tune"])
+    import json
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["runs"]) == {"mil", "logreg"}
+    # The same folds and numbers as the library call of the test above.
+    assert metrics["runs"]["mil"]["majority"]["accuracy"] >= 46 / 48
+    assert metrics["runs"]["logreg"]["majority"]["accuracy"] == pytest.approx(44 / 48)
+    paragraph = (out / "methods.txt").read_text()
+    assert "gated attention-based multiple-instance pooling (Ilse et al. 2018)" in paragraph
+    assert "averaged over each cell of a 3x2 grid" in paragraph
+    plain = tmp_path / "plain"
+    from features.store import load_store
+
+    table = load_store(store)
+    monkeypatch.setattr(table, "instances", None)
+    from conftest import write_store
+
+    plain_store = write_store(plain, table, "synthetic")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--features", str(plain_store), "--out", str(tmp_path / "r"), "--folds", "3", "--classifier", "mil"])
+    assert exit_info.value.code == 2
+    assert "hold one vector per augmentation; extract an instance store" in capsys.readouterr().err
+
+
+def test_train_refuses_mil_with_the_reason():
+    from classifiers.feature.model_io import TrainConfig
+
+    with pytest.raises(ValueError, match="cross-validated only"):
+        TrainConfig(classifier="mil").validate()
