@@ -58,10 +58,10 @@ def backbone_rate(config, image_hw, batch_size: int, images: int) -> dict:
     import numpy as np
 
     from data.synthetic import make_image
-    from features.extract import FeatureExtractor, PooledImage, Preprocessing
+    from features.extract import PooledImage, Preprocessing, make_extractor
     from features.image_side import image_items
 
-    extractor = FeatureExtractor(config, batch_size=batch_size)
+    extractor = make_extractor(config, batch_size=batch_size)
     prep = Preprocessing.from_config(config)
     image = make_image("invasive", np.random.default_rng(0), size=tuple(image_hw))
     row = type("Row", (), {"image_id": "bench", "path": ""})()
@@ -110,6 +110,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default="imagenet", help="'imagenet', a file, or 'none'")
     p.add_argument("--mode", default="shared", choices=["exact", "shared", "whole"])
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--engine", default="keras", choices=["keras", "openvino"],
+                   help="what runs the backbone (features.extract.make_extractor)")
     p.add_argument("--augmentations", type=int, default=40)
     p.add_argument("--crops", type=int, default=20)
     p.add_argument("--crop-size", type=int, default=750)
@@ -143,7 +145,7 @@ def main(argv=None) -> None:
         picks = np.unique(np.linspace(0, len(dataset) - 1, args.images).round().astype(int))
         frame = dataset.iloc[picks]
         options = dict(augmentations=args.augmentations, crops=args.crops, crop_size=args.crop_size,
-                       scale=args.scale, mode=args.mode, precision=args.precision,
+                       scale=args.scale, mode=args.mode, precision=args.precision, engine=args.engine,
                        batch_size=args.batch_size)
         if args.mode == "whole":
             options.update(crops=1, crop_size=0)

@@ -67,7 +67,7 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
     from data.io import read_image
     from features.augment import effective_crop_size
     from data.files import file_sha256
-    from features.extract import FeatureExtractor, PooledImage, Preprocessing, write_image_record
+    from features.extract import PooledImage, Preprocessing, make_extractor, write_image_record
     from features.image_side import image_items
     from features.stain import fit_stain_reference
     from features.transforms import scale_image
@@ -79,7 +79,7 @@ def profile(frame, config, *, batch_size: int, fit_reference: bool, store_root: 
         with one_off("Macenko reference fit (decodes its candidates)"):
             config = replace(config, stain=fit_stain_reference(frame, config.scale))
     with one_off("backbone build (FeatureExtractor)"):
-        extractor = FeatureExtractor(config, batch_size=batch_size)
+        extractor = make_extractor(config, batch_size=batch_size)
     with one_off("store open (features.store)"):
         store = FeatureStore(store_root, config).open()
     prep = Preprocessing.from_config(config)
@@ -177,6 +177,8 @@ def main(argv=None) -> None:
     p.add_argument("--weights", default="imagenet", help="'imagenet', a file, or 'none'")
     p.add_argument("--mode", default="exact", choices=["exact", "shared"])
     p.add_argument("--precision", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--engine", default="keras", choices=["keras", "openvino"],
+                   help="what runs the backbone (features.extract.make_extractor)")
     p.add_argument("--scale", type=float, default=0.5)
     p.add_argument("--augmentations", type=int, default=4)
     p.add_argument("--crops", type=int, default=4)
@@ -198,7 +200,7 @@ def main(argv=None) -> None:
     config = make_config(backbone=args.backbone, weights=args.weights, stain_reference="none",
                          augmentations=args.augmentations, crops=args.crops,
                          crop_size=args.crop_size, scale=args.scale, mode=args.mode,
-                         precision=args.precision)
+                         precision=args.precision, engine=args.engine)
     with tempfile.TemporaryDirectory() as tmp:
         result = profile(dataset.iloc[picks], config, batch_size=args.batch_size,
                          fit_reference=args.stain_reference == "auto", store_root=Path(tmp))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,7 @@ class OpenVINOExtractor:
         compiled = ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": hint,
                                                           "PERFORMANCE_HINT": "LATENCY"})
         self._request = compiled.create_infer_request()
+        self._lock = threading.Lock()  # one request: threads (a dask worker's) take turns
         self.device = f"CPU (OpenVINO {ov.__version__}, {hint})"
         log.info("backbone %s runs on %s (engine openvino, model %s)", config.backbone, self.device,
                  "read from the cache" if self.cached else "converted now")
@@ -165,7 +167,8 @@ class OpenVINOExtractor:
         batch = np.zeros((size, *images.shape[1:]), dtype=np.uint8)
         batch[:n] = images
         # share_outputs=False: the result outlives the next inference.
-        return self._request.infer({0: batch})[0][:n]
+        with self._lock:
+            return self._request.infer({0: batch})[0][:n]
 
     def run_batch(self, crops: np.ndarray) -> np.ndarray:
         """Up to ``batch_size`` uint8 crops -> ``(n, feature_dim)``."""

@@ -71,3 +71,18 @@ def test_missing_openvino_is_a_clear_error_before_any_work(tiny_dataset, monkeyp
         make_config(tiny_dataset, engine="openvino", **TINY)
     with pytest.raises(ValueError, match="engine must be one of keras, openvino"):
         make_config(tiny_dataset, engine="onnx", **TINY)
+
+
+def test_extract_cli_engine_option_makes_an_openvino_store(tiny_dir, tmp_path, ov_cache, capsys):
+    import json
+
+    from pipeline import extract as cli
+
+    out = tmp_path / "store"
+    args = ["--data", str(tiny_dir), "--out", str(out), "--weights", "none", "--engine", "openvino",
+            "--mode", "shared", "--augmentations", "1", "--crops", "2", "--crop-size", "48",
+            "--scale", "1", "--stain-reference", "none", "--workers", "1", "--quiet"]
+    assert cli.main(args) == 0
+    assert "OpenVINO" in capsys.readouterr().out  # the summary names the engine that ran
+    (store,) = [p for p in out.iterdir() if (p / "config.json").is_file()]
+    assert json.loads((store / "config.json").read_text())["engine"] == "openvino"
