@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.files import atomic_directory, package_version
+from data.files import atomic_directory, file_sha256, package_version
 from features.backbones import checked_weights, get_backbone
 from features.config import ExtractionConfig
 from features.feature_maps import cell_means, pool_windows
@@ -93,9 +93,10 @@ def converted_model(config: ExtractionConfig, build_keras, cache_dir: Path | Non
     xml = directory / "model.xml"
     if xml.is_file():
         try:
+            _check_entry(directory, key)
             return ov.Core().read_model(str(xml)), True
-        except Exception as exc:  # a damaged entry is rebuilt, never trusted
-            log.warning("converted model %s is unreadable (%s); converting again", xml, exc)
+        except Exception as exc:  # a damaged or foreign entry is converted again, never trusted
+            log.warning("converted model %s is unusable (%s); converting again", xml, exc)
     import tensorflow as tf
 
     model = build_keras()
@@ -109,11 +110,25 @@ def converted_model(config: ExtractionConfig, build_keras, cache_dir: Path | Non
         with atomic_directory(directory) as tmp:
             # Full-precision weights: the precision is chosen when the model is compiled.
             ov.save_model(ov_model, str(tmp / "model.xml"), compress_to_fp16=False)
-            (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True))
+            files = {name: file_sha256(tmp / name) for name in ("model.xml", "model.bin")}
+            (tmp / "key.json").write_text(json.dumps({**key, "files_sha256": files}, indent=1,
+                                                     sort_keys=True))
         log.info("converted %s to OpenVINO, cached in %s", config.backbone, directory)
     except OSError as exc:  # a read-only cache costs the conversion next time, nothing else
         log.warning("cannot cache the converted model in %s: %s", directory, exc)
     return ov_model, False
+
+
+def _check_entry(directory: Path, key: dict) -> None:
+    """Raise ValueError unless ``directory`` holds the files its ``key.json`` names (sha256)
+    for exactly ``key``: a truncated or edited file is never run."""
+    record = json.loads((directory / "key.json").read_text())
+    files = record.pop("files_sha256", {})
+    if record != json.loads(json.dumps(key)):
+        raise ValueError("its key.json describes another model")
+    for name in ("model.xml", "model.bin"):
+        if files.get(name) != file_sha256(directory / name):
+            raise ValueError(f"{name} does not have the sha256 recorded in key.json")
 
 
 class OpenVINOExtractor:

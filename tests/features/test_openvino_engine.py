@@ -60,6 +60,12 @@ def test_converted_model_is_cached_and_read_without_keras(tiny_dataset, ov_cache
     assert again.cached and again.feature_dim == 1280
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
     np.testing.assert_array_equal(again.feature_maps(images), first.feature_maps(images))
+    # A damaged entry (here a truncated weights file) is converted again, never run.
+    weights = entries[0] / "model.bin"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    rebuilt = openvino_engine.OpenVINOExtractor(config)
+    assert not rebuilt.cached
+    np.testing.assert_array_equal(rebuilt.feature_maps(images), first.feature_maps(images))
     # Another seed is another random network: another entry, never the cached one.
     other = make_config(tiny_dataset, mode="shared", engine="openvino", seed=1, **TINY)
     assert openvino_engine._key_name(openvino_engine.model_key(other)) != entries[0].name
