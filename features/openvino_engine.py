@@ -27,7 +27,7 @@ import numpy as np
 from data.files import atomic_directory, file_sha256, package_version
 from features.backbones import checked_weights, get_backbone
 from features.config import ExtractionConfig
-from features.feature_maps import cell_means, pool_windows
+from features.feature_maps import cell_means, window_cells
 from features.pooling import pool_features
 
 log = logging.getLogger(__name__)
@@ -165,6 +165,7 @@ class OpenVINOExtractor:
                                                           "PERFORMANCE_HINT": "LATENCY"})
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()  # one request: threads (a dask worker's) take turns
+        self._boxes: dict = {}  # window size in cells -> compiled box filter (window_means)
         self.device = f"CPU (OpenVINO {ov.__version__}, {hint})"
         log.info("backbone %s runs on %s (engine openvino, model %s)", config.backbone, self.device,
                  "read from the cache" if self.cached else "converted now")
@@ -199,8 +200,43 @@ class OpenVINOExtractor:
         maps = self._maps(images, pad_to or self.batch_size)
         if windows is None:
             return maps.mean(axis=(1, 2), dtype=np.float64).astype(np.float32)
-        return np.stack([pool_features(pool_windows(m, w, self.spec.stride), pooling)
-                         for m, w in zip(maps, windows)])
+        means = self.window_means(maps[:len(images)], windows)
+        return np.stack([pool_features(m, pooling) for m in means])
+
+    def window_means(self, maps: np.ndarray, windows: np.ndarray) -> np.ndarray:
+        """:func:`features.feature_maps.pool_windows` of a batch: ``maps`` ``(b, h, w, C)``,
+        ``windows`` ``(b, k, 3)`` of one side -> ``(b, k, C)`` float32 window means.
+
+        An OpenVINO average pool of the window's size gives every window position's mean at
+        once (float32 sums, within 1e-6 relative of the float64 summed-area table), then the
+        windows' cells (:func:`window_cells`) pick theirs: 10x faster than the numpy table,
+        which cost a third of Lite0's bfloat16 pass.
+        """
+        b, h, w, _ = maps.shape
+        cells = np.array([[window_cells(y, x, side, self.spec.stride, h, w) for y, x, side in rows]
+                          for rows in np.asarray(windows, dtype=np.int64)])  # (b, k, 4)
+        r0, r1, c0, c1 = np.moveaxis(cells, -1, 0)
+        size = (int(r1[0, 0] - r0[0, 0]), int(c1[0, 0] - c0[0, 0]))
+        if not ((r1 - r0 == size[0]).all() and (c1 - c0 == size[1]).all()):
+            raise ValueError("window_means takes windows of one side per batch")
+        if size not in self._boxes:
+            self._boxes[size] = self._box_filter(size)
+        with self._lock:
+            every = self._boxes[size].infer({0: np.ascontiguousarray(maps, dtype=np.float32)})[0]
+        return every[np.arange(b)[:, None], r0, c0]
+
+    @staticmethod
+    def _box_filter(size: tuple[int, int]):
+        """A compiled OpenVINO model: ``(b, h, w, C)`` -> mean of every ``size`` window."""
+        ov = import_openvino()
+        import openvino.opset13 as ops
+
+        maps = ops.parameter([-1, -1, -1, -1], ov.Type.f32, name="maps")
+        nchw = ops.transpose(maps, ops.constant(np.array([0, 3, 1, 2], np.int64)))
+        means = ops.avg_pool(nchw, [1, 1], [0, 0], [0, 0], list(size), exclude_pad=True)
+        out = ops.transpose(means, ops.constant(np.array([0, 2, 3, 1], np.int64)))
+        model = ov.Model([out], [maps], "window_means")
+        return ov.Core().compile_model(model, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}).create_infer_request()
 
     def to_device(self, image: np.ndarray) -> np.ndarray:
         """The image stays on the host (the colour tables are applied there)."""
