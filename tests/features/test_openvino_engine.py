@@ -60,6 +60,19 @@ def test_converted_model_is_cached_and_read_without_keras(tiny_dataset, ov_cache
     assert again.cached and again.feature_dim == 1280
     images = np.random.default_rng(0).integers(0, 256, (2, 64, 96, 3), dtype=np.uint8)
     np.testing.assert_array_equal(again.feature_maps(images), first.feature_maps(images))
+    # Crop-window means by OpenVINO's average pool equal the float64 summed-area table's
+    # (features.feature_maps.pool_windows) within 1e-6 relative, whatever the map size.
+    from features.feature_maps import pool_windows
+
+    rng = np.random.default_rng(0)
+    for (b, h, w), side in [((2, 24, 32), 750), ((3, 5, 7), 64), ((1, 2, 3), 64)]:
+        maps = rng.random((b, h, w, 16), dtype=np.float32) * 6
+        s = min(side, 32 * h, 32 * w)
+        windows = np.stack([np.column_stack([rng.integers(0, 32 * h - s + 1, 5),
+                                             rng.integers(0, 32 * w - s + 1, 5), np.full(5, s)])
+                            for _ in range(b)])
+        expected = np.stack([pool_windows(m, win, 32) for m, win in zip(maps, windows)])
+        np.testing.assert_allclose(first.window_means(maps, windows), expected, rtol=1e-6, atol=0)
     # A damaged entry (here a truncated weights file) is converted again, never run.
     weights = entries[0] / "model.bin"
     weights.write_bytes(weights.read_bytes()[:1000])
