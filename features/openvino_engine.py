@@ -39,12 +39,17 @@ INSTALL_HINT = ("the OpenVINO engine needs the openvino package: pip install ope
 CACHE_ENV = "BHP_OPENVINO_CACHE"
 
 
+class OpenVINOMissingError(ImportError, ValueError):
+    """openvino is not installed; the message says how to install it.  Also a ValueError, so
+    the command-line tools report it as a user error (one line, status 2)."""
+
+
 def import_openvino():
-    """``import openvino``, or an ImportError that says how to install it."""
+    """``import openvino``, or :class:`OpenVINOMissingError` saying how to install it."""
     try:
         import openvino
     except ImportError as exc:
-        raise ImportError(INSTALL_HINT) from exc
+        raise OpenVINOMissingError(INSTALL_HINT) from exc
     return openvino
 
 

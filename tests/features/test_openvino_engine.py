@@ -84,10 +84,20 @@ def test_converted_model_is_cached_and_read_without_keras(tiny_dataset, ov_cache
     assert openvino_engine._key_name(openvino_engine.model_key(other)) != entries[0].name
 
 
-def test_missing_openvino_is_a_clear_error_before_any_work(tiny_dataset, monkeypatch):
+def test_missing_openvino_is_a_clear_error_before_any_work(tiny_dataset, tiny_dir, tmp_path, monkeypatch,
+                                                          capsys):
     monkeypatch.setitem(sys.modules, "openvino", None)  # as if not installed
     with pytest.raises(ImportError, match=r"pip install openvino"):
         make_config(tiny_dataset, engine="openvino", **TINY)
+    # On the command line: one error line naming the install command, status 2, no traceback.
+    from pipeline import extract as cli
+
+    args = ["--data", str(tiny_dir), "--out", str(tmp_path), "--weights", "none", "--engine", "openvino",
+            "--stain-reference", "none"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert "error: the OpenVINO engine needs the openvino package: pip install openvino" in err
+    assert "Traceback" not in err
     with pytest.raises(ValueError, match="engine must be one of keras, openvino"):
         make_config(tiny_dataset, engine="onnx", **TINY)
 
