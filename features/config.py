@@ -97,7 +97,7 @@ class ExtractionConfig:
             (self.pooling in POOLINGS, f"pooling must be one of {', '.join(POOLINGS)}"),
             (self.mode in MODES, f"mode must be one of {', '.join(MODES)}"),
             (self.instances == "none" or self.mode == "whole",
-             f"instances {self.instances!r} needs mode 'whole' (the cells of the whole image's map)"),
+             f"`instances={self.instances}` needs `mode=whole` (the instances are cells of the whole image's map)"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}"),
             (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),

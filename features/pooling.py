@@ -22,7 +22,7 @@ def parse_instances(text: str) -> tuple[int, int] | None:
         return None
     match = re.fullmatch(r"cells-(\d+)x(\d+)", str(text))
     if not match or min(int(match[1]), int(match[2])) < 1:
-        raise ValueError(f"instances must be 'none' or 'cells-AxB' with A, B >= 1 (e.g. 'cells-4x3'), "
+        raise ValueError(f"`instances` must be 'none' or 'cells-AxB' with A, B >= 1 (e.g. 'cells-4x3'), "
                          f"got {text!r}")
     return int(match[1]), int(match[2])
 

@@ -25,7 +25,7 @@ def test_instances_option_is_parsed_and_checked():
     for bad in ("cells-0x3", "cells-4", "grid-4x3", "4x3"):
         with pytest.raises(ValueError, match="cells-AxB"):
             ExtractionConfig(mode="whole", crops=1, crop_size=0, instances=bad)
-    with pytest.raises(ValueError, match="needs mode 'whole'"):
+    with pytest.raises(ValueError, match="needs `mode=whole`"):
         ExtractionConfig(instances="cells-4x3")
 
 
@@ -126,3 +126,15 @@ def test_openvino_engine_gives_the_keras_instances(tiny_dataset, tmp_path, monke
     assert got.instances.shape == expected.instances.shape == (4, 4, 1280)
     # The engines' stated tolerance (tests/features/test_openvino_engine.py): 1e-4 of the largest.
     assert np.abs(got.instances - expected.instances).max() <= 1e-4 * np.abs(expected.instances).max()
+
+
+def test_extract_command_line_names_its_options_in_errors(tiny_dir, tmp_path, capsys):
+    from pipeline.extract import main
+
+    common = ["--data", str(tiny_dir), "--out", str(tmp_path / "out"), "--weights", "none",
+              "--stain-reference", "none"]
+    for extra, message in ((["--instances", "cells-4x3"], "--instances cells-4x3 needs --mode whole"),
+                           (["--mode", "whole", "--instances", "grid"], "--instances must be 'none' or 'cells-AxB'")):
+        assert main(common + extra) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.joblib"))
