@@ -138,3 +138,22 @@ def test_extract_command_line_names_its_options_in_errors(tiny_dir, tmp_path, ca
         assert main(common + extra) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.joblib"))
+
+
+def test_a_model_trained_on_an_instance_store_predicts_new_images_from_the_cells_mean(tiny_dataset, tiny_dir, tmp_path,
+                                                                                      monkeypatch):
+    """What reads one vector per augmentation (train, predict) gets the mean of the cells."""
+    from classifiers import predict_images, train
+
+    config = make_config(tiny_dataset, instances="cells-2x2", **TINY_WHOLE)
+    summary = extract_to_store(tiny_dataset, config, tmp_path / "features", progress=False)
+    store = load_store(summary.store_path)
+    model = train([store], tmp_path / "model", classifier="logreg")
+    first = store.meta["image_id"] == store.meta["image_id"].iloc[0]
+    monkeypatch.chdir(tiny_dir)  # the image id (which seeds its augmentations) is its path from here
+    result = predict_images(tmp_path / "model", [store.meta["image_id"].iloc[0]])
+    # predict extracts the cells again with the store's config and reads their mean: the stored
+    # vectors, hence the stored rows' probabilities.
+    expected = model._fitted().fitted.predict_proba([store.X[first.to_numpy()]])
+    assert result.row_proba.shape == (2, 4)
+    np.testing.assert_allclose(result.row_proba, expected, rtol=0, atol=1e-6)
