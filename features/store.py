@@ -306,14 +306,16 @@ def make_record(*, image_id, label, group, path, source_sha256, features, stain_
     ``(n_augmentations, n_instances, n_features)`` for an instance store: the record then keeps
     them as ``instances`` and their mean as ``features`` (what every vector classifier reads)."""
     features = np.asarray(features, dtype=np.float32)
+    # Plain str: a numpy string scalar (a label taken from an array) pickles as a numpy global,
+    # which read_record refuses, so the record would be written but never read.
     record = {
-        "image_id": image_id,
-        "label": label,
-        "group": group,
+        "image_id": str(image_id),
+        "label": str(label),
+        "group": str(group),
         "path": str(path),
-        "source_sha256": source_sha256,
+        "source_sha256": str(source_sha256),
         "features": features,
-        "stain_note": stain_note,
+        "stain_note": None if stain_note is None else str(stain_note),
         "magnification": str(magnification),
     }
     if features.ndim == 3:

@@ -228,3 +228,14 @@ def test_store_files_respect_the_umask(tmp_path):
         os.umask(old)
     for path in (store.record_path("normal/img0.png"), store.path / "config.json"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+
+
+def test_record_fields_from_numpy_arrays_are_written_readable(tmp_path):
+    labels = np.array(CLASSES)  # numpy string scalars, as taken from a label array
+    with FeatureStore(tmp_path, _config()) as store:
+        store.open()
+        store.write(make_record(image_id=np.str_("normal/a.png"), label=labels[0], group=labels[0],
+                                path="/d/a.png", source_sha256=np.str_("0" * 64), features=np.ones((2, 3)),
+                                stain_note=np.str_("kept")))
+    table = load_store(store.path)
+    assert table.meta[["image_id", "label", "stain_note"]].values.tolist() == [["normal/a.png", "normal", "kept"]] * 2
