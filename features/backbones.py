@@ -309,3 +309,16 @@ def checked_weights(spec: BackboneSpec, weights: str | None, expected_sha256: st
             f"(sha256 {expected_sha256}); features would not be comparable"
         )
     return weights_file
+
+
+def extractor_setup(config, batch_size: int | None = None) -> tuple:
+    """``(batch_size, spec, weights_file)`` an extractor of ``config`` runs with, for every engine.
+
+    ``batch_size`` defaults to the config's (the one its store's features were computed with);
+    the weights file is :func:`checked_weights` against the config's sha256.
+    """
+    batch_size = config.batch_size if batch_size is None else batch_size
+    if batch_size < 1:
+        raise ValueError("batch_size must be >= 1")
+    spec = get_backbone(config.backbone)
+    return batch_size, spec, checked_weights(spec, config.weights, config.weights_sha256)

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from data.io import read_image  # noqa: F401  (tests reach it as features.extract.read_image)
 from data.files import file_sha256
 from features.augment import effective_crop_size
-from features.backbones import checked_weights, get_backbone, resolve_weights, weights_sha256
+from features.backbones import extractor_setup, get_backbone, resolve_weights, weights_sha256
 from features.config import ExtractionConfig
 from features.openvino_engine import OpenVINOExtractor, import_openvino
 from features.pooling import mean_of_instances, pool_features
@@ -267,12 +267,8 @@ class FeatureExtractor:
     def __init__(self, config: ExtractionConfig, batch_size: int | None = None):
         import tensorflow as tf
 
-        batch_size = config.batch_size if batch_size is None else batch_size
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        self.config, self.batch_size = config, batch_size
-        self.spec = get_backbone(config.backbone)
-        weights_file = checked_weights(self.spec, config.weights, config.weights_sha256)
+        self.batch_size, self.spec, weights_file = extractor_setup(config, batch_size)
+        self.config = config
         if config.engine != "keras":
             raise ValueError(f"FeatureExtractor runs engine 'keras', not {config.engine!r}: "
                              "use make_extractor(config)")

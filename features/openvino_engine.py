@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from data.files import atomic_directory, file_sha256, package_version
-from features.backbones import checked_weights, get_backbone
+from features.backbones import extractor_setup, get_backbone
 from features.config import ExtractionConfig
 from features.feature_maps import cell_means, window_cells
 from features.pooling import pool_features
@@ -152,12 +152,8 @@ class OpenVINOExtractor:
     def __init__(self, config: ExtractionConfig, batch_size: int | None = None,
                  cache_dir: Path | str | None = None, build_keras=None):
         ov = import_openvino()
-        batch_size = config.batch_size if batch_size is None else batch_size
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
-        self.config, self.batch_size = config, batch_size
-        self.spec = get_backbone(config.backbone)
-        weights_file = checked_weights(self.spec, config.weights, config.weights_sha256)
+        self.batch_size, self.spec, weights_file = extractor_setup(config, batch_size)
+        self.config = config
         if build_keras is None:
             def build_keras():
                 from features.extract import build_backbone_model
