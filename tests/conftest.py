@@ -129,20 +129,26 @@ def synthetic_table(
     )
 
 
-def write_store(root, table, backbone) -> Path:
-    """Write a :func:`synthetic_table` as a feature store of ``backbone`` under ``root``; its path."""
+def write_store(root, table, backbone, **options) -> Path:
+    """Write a :func:`synthetic_table` as a feature store of ``backbone`` under ``root``; its path.
+
+    ``options`` are further ``ExtractionConfig`` fields (e.g. a preset's mode and scale)."""
+    import hashlib
+
     from features import store as store_mod
     from features.config import ExtractionConfig
 
     n_aug = int(table.meta.groupby("image_id").size().iloc[0])
-    store = store_mod.FeatureStore(root, ExtractionConfig(backbone=backbone, weights="none", augmentations=n_aug)).open()
+    store = store_mod.FeatureStore(root, ExtractionConfig(backbone=backbone, weights="none", augmentations=n_aug,
+                                                          **options)).open()
     for image_id, rows in table.meta.groupby("image_id"):
         rows = rows.sort_values("aug")
         first = rows.iloc[0]
         store.write(
             store_mod.make_record(
                 image_id=image_id, label=first["label"], group=first["group"], path=first["path"],
-                source_sha256="0" * 64, features=table.X[rows.index.to_numpy()], stain_note="",
+                source_sha256=hashlib.sha256(image_id.encode()).hexdigest(),  # distinct images
+                features=table.X[rows.index.to_numpy()], stain_note="",
             )
         )
     return store.path

@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 
 from classifiers.evaluation.cv_dataset import build_dataset
 from classifiers.evaluation.cross_validation import CVConfig, run_cross_validation
-from classifiers.feature.estimators import make_logreg
+from classifiers.feature.estimators import SignedSquareRoot, make_logreg
 from classifiers.feature.presets import PRESETS, PresetStoreError, get_preset, select_stores
 from classifiers.evaluation.repeated import ensemble_markdown, ensemble_table, run_repeated_cv
 from classifiers.feature.tuning import PARAM_GRIDS, InnerCVClassifier
@@ -175,21 +175,48 @@ def _preset_stores(root, preset):
 
 
 def test_select_stores_finds_each_preset_store_by_config(tmp_path):
-    preset = get_preset("bach")
-    _preset_stores(tmp_path / "root", preset)
+    for preset in PRESETS.values():
+        _preset_stores(tmp_path / "root", preset)
     from features.config import ExtractionConfig
     from features.store import FeatureStore
 
-    other = FeatureStore(tmp_path / "root", ExtractionConfig(weights="none")).open()  # not the preset's
-    chosen = select_stores(preset, [tmp_path / "root"])
-    assert len(chosen) == len(preset.stores)
-    for path, options in zip(chosen, preset.stores):
-        config = json.loads((path / "config.json").read_text())
-        assert {k: config[k] for k in options} == options
+    other = FeatureStore(tmp_path / "root", ExtractionConfig(weights="none")).open()  # not a preset's
+    for preset in PRESETS.values():  # each finds its own stores among all of them
+        chosen = select_stores(preset, [tmp_path / "root"])
+        assert len(chosen) == len(preset.stores)
+        for path, options in zip(chosen, preset.stores):
+            config = json.loads((path / "config.json").read_text())
+            assert {k: config[k] for k in options} == options
     with pytest.raises(PresetStoreError, match="pipeline.extract --preset bach"):
-        select_stores(preset, [other.path])  # a store, but not the preset's
+        select_stores(get_preset("bach"), [other.path])  # a store, but not the preset's
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("nope")
+
+
+def test_preset_bach_cross_validates_and_trains_its_classifier(tmp_path):
+    """``--preset bach`` reads its store under the root and uses the preset's classifier and tuning."""
+    from classifiers.feature.model_io import load_model
+    from pipeline import cv_report, train
+
+    preset = get_preset("bach")
+    (options,) = preset.stores  # one store
+    table = synthetic_table(n_per_class=(6, 6, 6, 6), n_aug=options["augmentations"], n_features=8)
+    fields = {k: v for k, v in options.items() if k not in ("backbone", "augmentations")}
+    write_store(tmp_path / "root", table, options["backbone"], **fields)
+    write_store(tmp_path / "root", synthetic_table(n_aug=2, seed=1), "efficientnet_lite0")  # ignored
+    out = tmp_path / "cv"
+    cv_report.main(["--preset", "bach", "--features", str(tmp_path / "root"), "--out", str(out),
+                    "--folds", "3", "--seeds", "0"])
+    runs = pd.read_csv(out / "ensemble.csv")["run"].tolist()
+    assert runs == [preset.classifier]
+    assert (out / "seed-0" / "tuning.csv").is_file()  # the preset tunes
+    assert train.main(["--preset", "bach", "--features", str(tmp_path / "root"),
+                       "--out", str(tmp_path / "model")]) == 0
+    model = load_model(tmp_path / "model")
+    assert model.classifier == preset.classifier == "logreg-sqrt"
+    (estimator,) = model.fitted.estimators
+    assert isinstance(estimator[0], SignedSquareRoot)  # loaded as saved: sqrt -> scale -> logreg
+    assert model.params["C"] in PARAM_GRIDS["logreg-sqrt"]["logreg__C"]
 
 
 def test_extract_preset_refuses_options_it_sets(tmp_path, capsys):
