@@ -209,6 +209,7 @@ _VERSIONED = {
     "staintools": ("staintools",),
     "openvino": ("openvino",),  # the optional engine (features.openvino_engine)
     "xgboost": ("xgboost",),
+    "lightgbm": ("lightgbm",),  # the optional classifier (classifiers.feature.boosting)
     "scikit-learn": ("scikit-learn",),
 }
 

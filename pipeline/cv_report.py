@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--folds", type=int, default=6, help="number of grouped folds (default 6)")
     parser.add_argument("--classifier", action="append", type=_choices_list(ALL_CLASSIFIERS),
                         help="xgboost, logreg, logreg-sqrt (logreg after a signed square root of every feature), "
-                        "mil (attention pooling of the instances of a store extracted with --instances: "
+                        "xgboost-es and lightgbm (boosting rounds chosen by early stopping on a grouped inner split; "
+                        "lightgbm needs pip install lightgbm), mil (attention pooling of the instances of a store extracted with --instances: "
                         "docs/accuracy.md), two_stage (repeat or comma-separate; default xgboost and logreg "
                         "with --features, two_stage with --data)")
     parser.add_argument("--fusion", action="append", type=_choices_list(FUSION_CHOICES),
@@ -85,12 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "and ensemble.csv / ensemble.md over all runs (mean +- sd over seeds and folds)")
     parser.add_argument("--tune", action="store_true",
                         help="choose each classifier's hyper-parameters by an inner grouped 3-fold CV of "
-                        "the training folds (XGBoost depth/rounds/column sampling, logreg C); the choice "
-                        "per fold goes to tuning.csv")
+                        "the training folds (XGBoost depth/rounds/column sampling, logreg C; xgboost-es, "
+                        "lightgbm and mil choose their length by early stopping either way, and --tune reports "
+                        "it); the choice per fold goes to tuning.csv")
     parser.add_argument("--preset", choices=PRESET_NAMES,
                         help="a documented best configuration: its classifier, fusion and tuning (see "
                         "docs/accuracy.md); --features may then be the store root pipeline.extract --preset wrote")
-    parser.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads (default 2)")
+    parser.add_argument("--n-jobs", type=int, default=2, help="XGBoost and LightGBM threads (default 2)")
     parser.add_argument("--device", default="auto", choices=DEVICE_CHOICES,
                         help="XGBoost device: auto (GPU if usable, else CPU), cpu, or cuda (fail without GPU)")
     two = parser.add_argument_group("two-stage CNN (--classifier two_stage)")

@@ -4,12 +4,13 @@
 
     python -m pipeline.train --features STORE_DIR [STORE_DIR ...] --out MODEL_DIR \\
         [--labels auto|classes|bach4|...|MAPPING.json] [--regroup MAPPING.json] [--magnification 40 ...] \\
-        [--classifier xgboost|logreg] [--fusion concat|mean-proba] \\
+        [--classifier xgboost|logreg|logreg-sqrt|xgboost-es|lightgbm] [--fusion concat|mean-proba] \\
         [--seed S] [--n-jobs 2] [--device auto|cpu|cuda] [--dask SCHEDULER_ADDRESS|local:N] \\
         [--exclude IMAGE_ID ...] [--tune] [--preset NAME] [--overwrite]
 
 The model is the one ``pipeline.cv_report`` evaluates (same classifier, defaults and fusion),
-fitted on every image.  The model directory holds only data (JSON and ``.npz``) plus the
+fitted on every image.  The model directory holds only data (JSON, ``.npz``, LightGBM's text
+trees) plus the
 stores' extraction configs, so ``pipeline.predict`` can reproduce the features of new images
 (see :mod:`classifiers.feature.model_io`).  ``--dask`` trains XGBoost with ``xgboost.dask`` on a
 ``dask.distributed`` cluster (:mod:`classifiers.feature.dask_xgboost`); the model directory is the same.
@@ -37,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG,
         description="Fit the final classifier on all images of one or more feature stores and save "
-        "it as a model directory (JSON/.npz only) for python -m pipeline.predict.",
+        "it as a model directory (data files only: JSON, .npz, LightGBM text) for python -m pipeline.predict.",
         formatter_class=HelpFormatter,
     )
     p.add_argument("--features", nargs="+", required=True, metavar="STORE_DIR",
@@ -51,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with several stores: concatenate features, or average per-store models' "
                    "probabilities (default concat)")
     p.add_argument("--tune", action="store_true",
-                   help="choose the hyper-parameters by an inner grouped 3-fold CV of the training images")
+                   help="choose the hyper-parameters by an inner grouped 3-fold CV of the training images "
+                   "(xgboost-es and lightgbm choose their rounds by early stopping either way)")
     p.add_argument("--preset", choices=PRESET_NAMES,
                    help="a documented configuration's classifier, fusion and tuning, on its stores found "
                    "under --features (the root pipeline.extract --preset wrote)")
     p.add_argument("--seed", type=int, default=0, help="classifier seed")
-    p.add_argument("--n-jobs", type=int, default=2, help="XGBoost threads")
+    p.add_argument("--n-jobs", type=int, default=2, help="XGBoost and LightGBM threads")
     p.add_argument("--device", default="auto", choices=DEVICE_CHOICES, help="XGBoost training device")
     p.add_argument("--dask", metavar="SCHEDULER_ADDRESS",
                    help="train XGBoost with xgboost.dask on a dask.distributed cluster (tcp://HOST:PORT), "

@@ -29,8 +29,9 @@ from sklearn.base import clone
 
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.folds import GroupedFolds
-from classifiers.feature.estimators import (CV_CLASSIFIER_NAMES, DEVICE_CHOICES, INSTANCE_CLASSIFIER_NAMES, DeviceChoice,
-                                            make_classifier, resolve_xgboost_device)
+from classifiers.feature.estimators import (CV_CLASSIFIER_NAMES, DEVICE_CHOICES, EARLY_STOPPING_NAMES,
+                                            INSTANCE_CLASSIFIER_NAMES, XGBOOST_NAMES, DeviceChoice, make_classifier,
+                                            resolve_xgboost_device)
 from classifiers.feature.tuning import PARAM_GRIDS, InnerCVClassifier, public_params
 from classifiers.evaluation.voting import vote
 
@@ -52,7 +53,7 @@ class CVConfig:
         Folds of StratifiedGroupKFold (El Agouri et al. used 6).
     classifiers : tuple of str, default=("xgboost", "logreg")
         Any of :data:`classifiers.feature.estimators.CV_CLASSIFIER_NAMES`; ``mil`` (attention
-        pooling of the instances) needs instance stores.
+        pooling of the instances) needs instance stores; ``lightgbm`` needs the lightgbm package.
     fusion : tuple of str, default=("concat", "mean-proba")
         How several stores are combined; ignored with one store.
     seed : int, default=0
@@ -64,7 +65,9 @@ class CVConfig:
     tune : bool, default=False
         Choose each classifier's hyper-parameters by an inner grouped 3-fold CV of the
         training rows (:data:`classifiers.feature.tuning.PARAM_GRIDS`); the choice of every fold is
-        reported.  Off: the documented defaults of :mod:`classifiers.feature.estimators`.
+        reported.  Off: the documented defaults of :mod:`classifiers.feature.estimators`.  The
+        classifiers with early stopping (``xgboost-es``, ``lightgbm``, ``mil``) have no grid: they
+        choose their length on a grouped inner split either way, and ``tune`` reports it per fold.
     """
 
     scheme: str = "auto"
@@ -88,6 +91,10 @@ class CVConfig:
         for name in self.classifiers:
             if name not in CV_CLASSIFIER_NAMES:
                 raise ValueError(f"unknown classifier {name!r}; choose from {CV_CLASSIFIER_NAMES}")
+        if "lightgbm" in self.classifiers:  # a missing optional package fails before any training
+            from classifiers.feature.boosting import import_lightgbm
+
+            import_lightgbm()
         for name in self.fusion:
             if name not in FUSION_CHOICES:
                 raise ValueError(f"unknown fusion {name!r}; choose from {FUSION_CHOICES}")
@@ -201,7 +208,7 @@ def fit_run_model(dataset: CVDataset, spec: RunSpec, config: CVConfig, rows=None
     -------
     FittedModel
     """
-    if device is None and spec.classifier == "xgboost":
+    if device is None and spec.classifier in XGBOOST_NAMES:
         device = resolve_xgboost_device(config.device).device
     template = make_classifier(spec.classifier, seed=config.seed, n_jobs=config.n_jobs, device=device or "cpu")
     blocks = [spec.stores] if spec.fusion in ("single", "concat") else [(s,) for s in spec.stores]
@@ -210,10 +217,11 @@ def fit_run_model(dataset: CVDataset, spec: RunSpec, config: CVConfig, rows=None
     # Inner splits on these rows only, grouped like the outer folds (patient, else image).
     groups = dataset.images["group"].to_numpy()[dataset.row_image]
     groups = groups if rows is None else groups[rows]
-    if spec.classifier in INSTANCE_CLASSIFIER_NAMES:
-        # No grid: the network chooses its epochs by early stopping on a grouped inner split.
+    if spec.classifier in INSTANCE_CLASSIFIER_NAMES + EARLY_STOPPING_NAMES:
+        # No grid: the network chooses its epochs, the boosters their rounds, by early stopping on
+        # a grouped inner split of these rows.
         estimators = [clone(template).fit(_features(Xs, block, rows), y, groups=groups) for block in blocks]
-        chosen = [{"epochs": int(est.n_epochs_)} for est in estimators] if config.tune else []
+        chosen = [_early_stopping_choice(est) for est in estimators] if config.tune else []
         return FittedModel(spec, estimators, blocks, dataset.classes, chosen)
     if not config.tune:
         estimators = [clone(template).fit(_features(Xs, block, rows), y) for block in blocks]
@@ -225,6 +233,13 @@ def fit_run_model(dataset: CVDataset, spec: RunSpec, config: CVConfig, rows=None
         estimators.append(search.best_estimator_)  # a plain estimator: saved like an untuned one
         chosen.append(public_params(search.best_params_))
     return FittedModel(spec, estimators, blocks, dataset.classes, chosen)
+
+
+def _early_stopping_choice(estimator) -> dict:
+    """What early stopping chose: ``{"epochs": n}`` (MIL) or ``{"rounds": n}`` (boosters)."""
+    if hasattr(estimator, "n_epochs_"):
+        return {"epochs": int(estimator.n_epochs_)}
+    return {"rounds": int(estimator.n_rounds_)}
 
 
 @dataclass
@@ -317,7 +332,7 @@ def run_cross_validation(dataset: CVDataset, config: CVConfig) -> CVResult:
     image_folds = GroupedFolds(config.n_folds, config.seed).assign(images["label"].to_numpy(),
                                                                    images["group"].to_numpy())
     row_folds = image_folds[dataset.row_image]
-    device = resolve_xgboost_device(config.device) if "xgboost" in config.classifiers else None
+    device = resolve_xgboost_device(config.device) if set(XGBOOST_NAMES) & set(config.classifiers) else None
 
     # Row probabilities per (classifier, feature block); mean-proba runs reuse
     # the per-store blocks so each model is fitted once per fold.

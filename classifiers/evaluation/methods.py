@@ -20,6 +20,10 @@ _STATED_PARAMS = {
                 "min_child_weight", "reg_lambda"),
     "logreg": ("C", "max_iter", "tol"),
     "logreg-sqrt": ("C", "max_iter", "tol"),
+    "xgboost-es": ("n_estimators", "max_depth", "learning_rate", "subsample", "colsample_bytree",
+                   "min_child_weight", "reg_lambda", "validation_fraction", "early_stopping_rounds", "refit"),
+    "lightgbm": ("n_estimators", "num_leaves", "max_depth", "learning_rate", "min_child_samples", "subsample",
+                 "colsample_bytree", "reg_lambda", "validation_fraction", "early_stopping_rounds", "refit"),
     "mil": ("hidden", "attention", "dropout", "weight_decay", "learning_rate", "max_epochs", "batch_size",
             "validation_fraction", "patience", "refit"),
 }
@@ -28,6 +32,16 @@ _CLASSIFIER_WORDS = {
     "logreg": "L2-regularised multinomial logistic regression on standardised features (scikit-learn)",
     "logreg-sqrt": "L2-regularised multinomial logistic regression on standardised features after a signed "
                    "square root of every feature, sign(x)*sqrt(|x|) (power normalisation; scikit-learn)",
+    "xgboost-es": "gradient-boosted trees (XGBoost, tree method hist) whose number of rounds (at most "
+                  "n_estimators) was chosen inside each training fold by early stopping on the multi-class "
+                  "log-loss of a grouped, stratified inner split holding out validation_fraction of the images "
+                  "(stopping after early_stopping_rounds rounds without improvement), then trained again on "
+                  "all the fold's training images for that number of rounds (refit)",
+    "lightgbm": "gradient-boosted trees (LightGBM, as Rakhlin et al. 2018) whose number of rounds (at most "
+                "n_estimators) was chosen inside each training fold by early stopping on the multi-class "
+                "log-loss of a grouped, stratified inner split holding out validation_fraction of the images "
+                "(stopping after early_stopping_rounds rounds without improvement), then trained again on "
+                "all the fold's training images for that number of rounds (refit)",
     "mil": "gated attention-based multiple-instance pooling (Ilse et al. 2018) of the instances of each "
            "augmented image (a dense projection, tanh and sigmoid attention branches, a softmax layer; "
            "Keras, AdamW), trained with early stopping on a grouped, stratified inner split of each "
@@ -48,7 +62,7 @@ _BACKBONE_WORDS = {
 _VOTING = ("each image's augmentations are classified separately and the image takes the majority "
            "vote (ties: highest mean probability); mean-probability voting, the class with the "
            "highest probability averaged over the augmentations, is reported alongside")
-_VERSION_NAMES = ("breast-histology-pipeline", "tensorflow", "keras", "xgboost", "scikit-learn", "numpy",
+_VERSION_NAMES = ("breast-histology-pipeline", "tensorflow", "keras", "xgboost", "lightgbm", "scikit-learn", "numpy",
                   "opencv", "staintools")
 
 

@@ -1,4 +1,4 @@
-"""Check an XGBoost JSON booster before XGBoost parses it.
+"""Check an XGBoost JSON booster (or a LightGBM text model, at the end) before its library parses it.
 
 XGBoost trusts the tree arrays of a model file: an out-of-range child or feature index, or a
 cycle, makes it read out of bounds or loop while predicting (a crafted ``estimator-<k>.json``
@@ -71,6 +71,12 @@ def _check_tree(tree: dict, num_feature: int, where: str) -> None:
         raise BoosterFormatError(f"{where}: {unreached} node(s) are not reached from the root")
 
 
+def _refusal(source: str, kind: str, exc: Exception) -> BoosterFormatError:
+    """The error naming the file: our own finding as it is, a parser's error as a malformed model."""
+    what = str(exc) if isinstance(exc, BoosterFormatError) else f"malformed {kind} ({type(exc).__name__}: {exc})"
+    return BoosterFormatError(f"{source}: {what}; refusing to load it (copy the model directory again, or retrain)")
+
+
 def check_booster_json(raw: bytes, n_features: int, n_classes: int, source: str) -> None:
     """Raise :class:`BoosterFormatError` unless ``raw`` is a well-formed gbtree JSON model for
     ``n_features`` features and ``n_classes`` classes.
@@ -116,9 +122,122 @@ def check_booster_json(raw: bytes, n_features: int, n_classes: int, source: str)
             if not isinstance(tree, dict):
                 raise BoosterFormatError(f"tree {k} is not an object")
             _check_tree(tree, num_feature, f"tree {k}")
-    except BoosterFormatError as exc:
-        raise BoosterFormatError(f"{source}: {exc}; refusing to load it (copy the model directory "
-                                 "again, or retrain)") from None
-    except (KeyError, TypeError, IndexError) as exc:
-        raise BoosterFormatError(f"{source}: malformed tree model ({type(exc).__name__}: {exc}); refusing "
-                                 "to load it (copy the model directory again, or retrain)") from None
+    except (BoosterFormatError, KeyError, TypeError, IndexError) as exc:
+        raise _refusal(source, "tree model", exc) from None
+
+
+# --- LightGBM text models -------------------------------------------------------------------
+# LightGBM's parser trusts its model text as XGBoost does its JSON: child, leaf and feature
+# indices are not range-checked, and the header's ``tree_sizes`` are byte offsets it jumps to.
+# The trees are checked here, and ``tree_sizes`` is dropped so that LightGBM reads the trees in
+# sequence (its parser's path for models without it) from the very text that was checked.
+
+
+def _key_values(lines, where: str) -> dict:
+    out = {}
+    for line in lines:
+        if "=" in line:
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _numbers(block: dict, name: str, count: int, where: str, kind=int) -> list:
+    text = block.get(name, "")
+    try:
+        values = [kind(v) for v in text.split()] if text else []
+    except ValueError:
+        raise BoosterFormatError(f"{where}: {name} holds a value that is not a number") from None
+    if len(values) != count:
+        raise BoosterFormatError(f"{where}: {name} must hold {count} values, not {len(values)}")
+    return values
+
+
+def _check_lightgbm_tree(block: dict, n_features: int, where: str) -> None:
+    n_leaves = _int(block.get("num_leaves"), f"{where}: num_leaves")
+    if n_leaves < 1:
+        raise BoosterFormatError(f"{where}: a tree needs at least one leaf, not {n_leaves}")
+    if _int(block.get("num_cat", "0"), f"{where}: num_cat") != 0 or block.get("is_linear", "0") != "0":
+        raise BoosterFormatError(f"{where}: categorical splits and linear trees are not supported")
+    _numbers(block, "leaf_value", n_leaves, where, float)
+    n_nodes = n_leaves - 1
+    if n_nodes == 0:
+        return
+    features = _numbers(block, "split_feature", n_nodes, where)
+    decisions = _numbers(block, "decision_type", n_nodes, where)
+    _numbers(block, "threshold", n_nodes, where, float)
+    left, right = _numbers(block, "left_child", n_nodes, where), _numbers(block, "right_child", n_nodes, where)
+    if any(d & 1 for d in decisions):
+        raise BoosterFormatError(f"{where}: categorical splits are not supported")
+    seen_nodes, seen_leaves, stack = set(), set(), [0]
+    while stack:
+        node = stack.pop()
+        if node in seen_nodes:
+            raise BoosterFormatError(f"{where}: node {node} is reached twice (a cycle or a shared node)")
+        seen_nodes.add(node)
+        if not 0 <= features[node] < n_features:
+            raise BoosterFormatError(f"{where}: node {node} splits on feature {features[node]}, outside "
+                                     f"0..{n_features - 1}")
+        for child in (left[node], right[node]):
+            if child >= 0:
+                if child >= n_nodes:
+                    raise BoosterFormatError(f"{where}: node {node} has child {child} outside 0..{n_nodes - 1}")
+                stack.append(child)
+            else:
+                leaf = ~child
+                if leaf >= n_leaves or leaf in seen_leaves:
+                    raise BoosterFormatError(f"{where}: node {node} names leaf {leaf}, outside 0..{n_leaves - 1} "
+                                             "or reached twice")
+                seen_leaves.add(leaf)
+    if len(seen_nodes) != n_nodes or len(seen_leaves) != n_leaves:
+        raise BoosterFormatError(f"{where}: {n_nodes - len(seen_nodes)} node(s) and {n_leaves - len(seen_leaves)} "
+                                 "leaf/leaves are not reached from the root")
+
+
+def check_lightgbm_text(raw: bytes, n_features: int, n_classes: int, source: str) -> str:
+    """Check a LightGBM text model and return the text LightGBM may parse.
+
+    Parameters
+    ----------
+    raw : bytes
+        The file's content.
+    n_features, n_classes : int
+        What ``model.json`` says the estimator takes and predicts.
+    source : str
+        The file, for messages.
+
+    Returns
+    -------
+    str
+        ``raw`` without its ``tree_sizes`` line.
+
+    Raises
+    ------
+    BoosterFormatError
+        Anything but a well-formed numerical-split tree model of that shape.
+    """
+    try:
+        text = raw.decode("ascii")
+        head, marker, _ = text.partition("\nTree=")
+        if not marker or "end of trees" not in text or not head.startswith("tree\n"):
+            raise BoosterFormatError("it is not a LightGBM text model (no header, trees or 'end of trees')")
+        header = _key_values(head.splitlines(), "header")
+        per_iteration = 1 if n_classes == 2 else n_classes
+        for key, expected in (("num_class", per_iteration), ("num_tree_per_iteration", per_iteration),
+                              ("max_feature_idx", n_features - 1)):
+            if _int(header.get(key), key) != expected:
+                raise BoosterFormatError(f"{key} is {header.get(key)}, model.json implies {expected}")
+        objective = header.get("objective", "").split(" ")[0]
+        if objective not in ("binary", "multiclass"):
+            raise BoosterFormatError(f"objective {objective!r} is not supported (binary or multiclass)")
+        trees = text[len(head) + 1:text.index("end of trees")].split("Tree=")[1:]
+        if not trees or len(trees) % per_iteration:
+            raise BoosterFormatError(f"{len(trees)} trees is not a whole number of rounds of {per_iteration}")
+        for k, tree in enumerate(trees):
+            lines = tree.splitlines()
+            if _int(lines[0], f"tree {k}: index") != k:
+                raise BoosterFormatError(f"tree {k} is numbered {lines[0]}")
+            _check_lightgbm_tree(_key_values(lines[1:], f"tree {k}"), n_features, f"tree {k}")
+    except (BoosterFormatError, UnicodeDecodeError, IndexError, ValueError) as exc:
+        raise _refusal(source, "LightGBM model", exc) from None
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("tree_sizes="))

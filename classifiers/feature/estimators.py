@@ -1,7 +1,8 @@
 """Estimators for the feature-store rows and the choice of XGBoost's device.
 
 Two classifiers, both following scikit-learn's estimator API
-(``fit`` / ``predict_proba`` / ``predict`` / ``classes_`` / ``get_params``):
+(``fit`` / ``predict_proba`` / ``predict`` / ``classes_`` / ``get_params``), and the boosters
+with early stopping of :mod:`classifiers.feature.boosting` (``xgboost-es``, ``lightgbm``):
 
 * :class:`XGBoostFeatureClassifier` -- gradient boosted trees (the classifier
   of El Agouri et al. 2022; Rakhlin et al. 2018 used LightGBM), modest
@@ -10,7 +11,7 @@ Two classifiers, both following scikit-learn's estimator API
   features, a linear baseline reported beside the trees; ``logreg-sqrt`` is the
   same after a signed square root of every feature (:class:`SignedSquareRoot`).
 
-:func:`make_classifier` builds either by name.  The device for XGBoost is
+:func:`make_classifier` builds any of them by name.  The device for XGBoost is
 chosen explicitly by :func:`resolve_xgboost_device`, which probes for a GPU and
 never lets XGBoost fall back silently from ``cuda`` to the CPU.
 """
@@ -35,7 +36,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 logger = logging.getLogger(__name__)
 
 #: Classifiers of one feature vector per row: trained, saved and cross-validated (``--classifier``).
-CLASSIFIER_NAMES = ("xgboost", "logreg", "logreg-sqrt")
+CLASSIFIER_NAMES = ("xgboost", "logreg", "logreg-sqrt", "xgboost-es", "lightgbm")
+#: Classifiers that choose their number of rounds by early stopping on a grouped inner split of
+#: the rows they are fitted on (:mod:`classifiers.feature.boosting`): ``fit`` takes ``groups``.
+EARLY_STOPPING_NAMES = ("xgboost-es", "lightgbm")
+#: Classifiers that train with XGBoost, on the device of :func:`resolve_xgboost_device`.
+XGBOOST_NAMES = ("xgboost", "xgboost-es")
 #: The classifiers a cross-validation compares when none is named.
 DEFAULT_CLASSIFIERS = ("xgboost", "logreg")
 #: Classifiers of bags of instances (instance stores, ``--instances cells-AxB``): cross-validated.
@@ -152,16 +158,38 @@ def resolve_xgboost_device(requested: str = "auto") -> DeviceChoice:
     return choice
 
 
-def _check_int(name: str, value, minimum: int) -> None:
+def check_int(name: str, value, minimum: int) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer (not a bool) >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
-def _check_fraction(name: str, value, *, open_low: bool = True) -> None:
+def check_nonnegative(name: str, value) -> None:
+    """Raise ``ValueError`` unless ``value`` is a real number (not a bool) >= 0."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+
+
+def check_fraction(name: str, value, *, open_low: bool = True) -> None:
+    """Raise ``ValueError`` unless ``value`` is a number in (0, 1] (``open_low=False``: [0, 1])."""
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
     ok = ok and (0 < value <= 1 if open_low else 0 <= value <= 1)
     if not ok:
         raise ValueError(f"{name} must be a number in (0, 1], got {value!r}")
+
+
+def training_data(estimator, X, y):
+    """Validated ``(X float32, y, fitted LabelEncoder)`` for ``estimator.fit``: finite features,
+    classification targets of at least two classes (sets ``estimator.n_features_in_``)."""
+    X, y = validate_data(estimator, X, y, dtype=np.float32, ensure_all_finite=True)
+    check_classification_targets(y)  # rejects continuous targets with a clear message
+    encoder = LabelEncoder().fit(y)
+    if len(encoder.classes_) < 2:
+        raise ValueError(
+            f"{type(estimator).__name__} needs at least 2 classes in y, got one class: "
+            f"{encoder.classes_.tolist()}"
+        )
+    return X, y, encoder
 
 
 class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
@@ -235,16 +263,14 @@ class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
         self.device = device
 
     def _validate_params(self) -> None:
-        _check_int("n_estimators", self.n_estimators, 1)
-        _check_int("max_depth", self.max_depth, 1)
-        _check_int("n_jobs", self.n_jobs, 1)
-        _check_int("random_state", self.random_state, 0)
-        _check_fraction("subsample", self.subsample)
-        _check_fraction("colsample_bytree", self.colsample_bytree)
+        check_int("n_estimators", self.n_estimators, 1)
+        check_int("max_depth", self.max_depth, 1)
+        check_int("n_jobs", self.n_jobs, 1)
+        check_int("random_state", self.random_state, 0)
+        check_fraction("subsample", self.subsample)
+        check_fraction("colsample_bytree", self.colsample_bytree)
         for name in ("learning_rate", "min_child_weight", "reg_lambda"):
-            value = getattr(self, name)
-            if not isinstance(value, numbers.Real) or isinstance(value, bool) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+            check_nonnegative(name, getattr(self, name))
         if self.learning_rate <= 0:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
         if self.device not in DEVICE_CHOICES:
@@ -280,15 +306,7 @@ class XGBoostFeatureClassifier(ClassifierMixin, BaseEstimator):
     def _training_data(self, X, y):
         """Validated ``(X float32, y, fitted LabelEncoder)``; at least two classes."""
         self._validate_params()
-        X, y = validate_data(self, X, y, dtype=np.float32, ensure_all_finite=True)
-        check_classification_targets(y)  # rejects continuous targets with a clear message
-        encoder = LabelEncoder().fit(y)
-        if len(encoder.classes_) < 2:
-            raise ValueError(
-                "XGBoostFeatureClassifier needs at least 2 classes in y, got one class: "
-                f"{encoder.classes_.tolist()}"
-            )
-        return X, y, encoder
+        return training_data(self, X, y)
 
     def booster_params(self, device: str) -> dict:
         """Keyword arguments of the XGBoost estimator (local or Dask) on ``device``."""
@@ -370,7 +388,7 @@ def make_logreg(C: float = 0.1, max_iter: int = 2000, tol: float = 1e-4, random_
     """
     if not isinstance(C, numbers.Real) or isinstance(C, bool) or C <= 0:
         raise ValueError(f"C must be a positive number, got {C!r}")
-    _check_int("max_iter", max_iter, 1)
+    check_int("max_iter", max_iter, 1)
     steps = [("sqrt", SignedSquareRoot())] if signed_sqrt else []
     return Pipeline(
         steps + [
@@ -385,15 +403,16 @@ def make_classifier(name: str, *, seed: int = 0, n_jobs: int = 2, device: str = 
 
     Parameters
     ----------
-    name : {"xgboost", "logreg", "logreg-sqrt", "mil"}
-        ``mil``: :class:`classifiers.feature.mil.AttentionMILClassifier`, which takes bags
+    name : {"xgboost", "logreg", "logreg-sqrt", "xgboost-es", "lightgbm", "mil"}
+        ``xgboost-es`` and ``lightgbm``: :mod:`classifiers.feature.boosting`, whose ``fit`` takes
+        ``groups`` for the inner split of early stopping.  ``mil``: :class:`classifiers.feature.mil.AttentionMILClassifier`, which takes bags
         ``(n_rows, n_instances, n_features)`` and ``groups`` in ``fit``.
     seed : int
         Random seed passed to the estimator.
     n_jobs : int
-        Threads for XGBoost (logistic regression with lbfgs is single-threaded).
+        Threads for XGBoost and LightGBM (logistic regression with lbfgs is single-threaded).
     device : {"auto", "cpu", "cuda"}
-        XGBoost device; pass a resolved ``"cpu"``/``"cuda"`` when fitting many
+        XGBoost device (``xgboost``, ``xgboost-es``); pass a resolved ``"cpu"``/``"cuda"`` when fitting many
         times.
 
     Returns
@@ -403,6 +422,14 @@ def make_classifier(name: str, *, seed: int = 0, n_jobs: int = 2, device: str = 
     """
     if name == "xgboost":
         return XGBoostFeatureClassifier(random_state=seed, n_jobs=n_jobs, device=device)
+    if name == "xgboost-es":
+        from classifiers.feature.boosting import XGBoostEarlyStoppingClassifier
+
+        return XGBoostEarlyStoppingClassifier(random_state=seed, n_jobs=n_jobs, device=device)
+    if name == "lightgbm":
+        from classifiers.feature.boosting import LightGBMFeatureClassifier
+
+        return LightGBMFeatureClassifier(random_state=seed, n_jobs=n_jobs)
     if name in ("logreg", "logreg-sqrt"):
         return make_logreg(random_state=seed, signed_sqrt=name == "logreg-sqrt")
     if name == "mil":

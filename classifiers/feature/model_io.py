@@ -10,7 +10,9 @@ Layout::
                                  predict also reports), classes, classifier name and parameters, fusion, the stores' extraction configs
                                  (their ``config.json`` records) and feature sizes, training
                                  summary, and the sha256 of every estimator file
-    MODEL_DIR/estimator-<k>.json an XGBoost booster (XGBoost's own JSON, ``save_model``)
+    MODEL_DIR/estimator-<k>.json an XGBoost booster (XGBoost's own JSON, ``save_model``;
+                                 classifiers ``xgboost`` and ``xgboost-es``)
+    MODEL_DIR/estimator-<k>.txt  a LightGBM booster (LightGBM's own text format)
     MODEL_DIR/estimator-<k>.npz  a logistic regression as plain arrays: scaler ``mean``,
                                  ``scale``, ``var``, ``coef``, ``intercept``, ``classes``
                                  (read with ``allow_pickle=False``)
@@ -37,9 +39,9 @@ from sklearn.preprocessing import StandardScaler
 from data.files import atomic_directory, check_output_dir, file_sha256, package_version, software_versions
 from classifiers.evaluation.cv_dataset import CVDataset, InputDataError
 from classifiers.evaluation.cross_validation import FUSION_CHOICES, CVConfig, FittedModel, RunSpec, check_scheme, fit_run_model
-from classifiers.feature.estimators import (CLASSIFIER_NAMES, DEVICE_CHOICES, INSTANCE_CLASSIFIER_NAMES, SignedSquareRoot,
+from classifiers.feature.estimators import (CLASSIFIER_NAMES, DEVICE_CHOICES, EARLY_STOPPING_NAMES, INSTANCE_CLASSIFIER_NAMES, SignedSquareRoot,
                                             XGBoostFeatureClassifier)
-from classifiers.feature.booster_check import BoosterFormatError, check_booster_json
+from classifiers.feature.booster_check import BoosterFormatError, check_booster_json, check_lightgbm_text
 
 #: Version of the model-directory layout; a directory of another version is refused.
 MODEL_FORMAT_VERSION = 1
@@ -49,7 +51,9 @@ MODEL_KIND = "breast-histology-pipeline feature model"
 
 # Estimator files must be plain names inside the directory (a crafted model.json must not
 # make us read ../../somewhere).
-_SAFE_NAME = re.compile(r"^estimator-\d+\.(json|npz)$")
+_SAFE_NAME = re.compile(r"^estimator-\d+\.(json|npz|txt)$")
+#: Estimator file suffix of each classifier.
+_SUFFIX = {"xgboost": ".json", "xgboost-es": ".json", "lightgbm": ".txt", "logreg": ".npz", "logreg-sqrt": ".npz"}
 
 
 class ModelFormatError(ValueError):
@@ -68,7 +72,7 @@ class TrainConfig:
     scheme : str, default="auto"
         Label scheme the model predicts in: ``auto``, ``classes``, a built-in name or a mapping
         file (:func:`classifiers.evaluation.cv_dataset.build_dataset`).
-    classifier : {"xgboost", "logreg", "logreg-sqrt"}, default="xgboost"
+    classifier : {"xgboost", "logreg", "logreg-sqrt", "xgboost-es", "lightgbm"}, default="xgboost"
     fusion : {"concat", "mean-proba"}, default="concat"
         How several stores are combined (as in cross-validation); ignored with one store.
     seed : int, default=0
@@ -226,6 +230,8 @@ def train_model(dataset: CVDataset, config: TrainConfig, *, client=None) -> Trai
         training["dask_workers"] = len(client.nthreads())
     if fitted.chosen_params:
         training["chosen_params"] = fitted.chosen_params
+    if config.classifier in EARLY_STOPPING_NAMES:
+        training["rounds"] = [int(est.n_rounds_) for est in fitted.estimators]  # found by early stopping
     per_class = dataset.images["label"].value_counts()
     return TrainedModel(
         fitted=fitted,
@@ -261,7 +267,8 @@ def save_xgboost(estimator: XGBoostFeatureClassifier, path: Path) -> None:
     estimator.booster_.save_model(str(path))
 
 
-def load_xgboost(path: Path, classes, params: dict, n_features: int) -> XGBoostFeatureClassifier:
+def load_xgboost(path: Path, classes, params: dict, n_features: int,
+                 cls: type = XGBoostFeatureClassifier) -> XGBoostFeatureClassifier:
     """Rebuild a fitted :class:`XGBoostFeatureClassifier` around a booster read from JSON.
 
     Parameters
@@ -275,6 +282,9 @@ def load_xgboost(path: Path, classes, params: dict, n_features: int) -> XGBoostF
         machine predicting may have no GPU, and the trees are the same on either device.
     n_features : int
         Feature count checked on every ``predict_proba``.
+    cls : type, default=XGBoostFeatureClassifier
+        The wrapper (:class:`~classifiers.feature.boosting.XGBoostEarlyStoppingClassifier` for
+        ``xgboost-es``).
 
     The trees are checked (:func:`classifiers.feature.booster_check.check_booster_json`) before XGBoost
     parses the same bytes: a crafted file must not crash or hang the process.
@@ -286,8 +296,8 @@ def load_xgboost(path: Path, classes, params: dict, n_features: int) -> XGBoostF
         check_booster_json(raw, int(n_features), len(classes), str(path))
     except BoosterFormatError as exc:
         raise ModelFormatError(str(exc)) from None
-    known = XGBoostFeatureClassifier().get_params()
-    wrapper = XGBoostFeatureClassifier(**{**{k: v for k, v in params.items() if k in known}, "device": "cpu"})
+    known = cls().get_params()
+    wrapper = cls(**{**{k: v for k, v in params.items() if k in known}, "device": "cpu"})
     booster = xgboost.XGBClassifier()
     booster.load_model(bytearray(raw))
     booster.set_params(device="cpu", n_jobs=wrapper.n_jobs)
@@ -297,6 +307,39 @@ def load_xgboost(path: Path, classes, params: dict, n_features: int) -> XGBoostF
     wrapper.booster_ = booster
     wrapper.classes_ = np.asarray(classes, dtype=object)
     wrapper.n_features_in_ = int(n_features)
+    wrapper.device_ = "cpu"
+    return wrapper
+
+
+def save_lightgbm(estimator, path: Path) -> None:
+    """Write the booster in LightGBM's text format (data only)."""
+    Path(path).write_text(estimator.booster_.model_to_string())
+
+
+def load_lightgbm(path: Path, classes, params: dict, n_features: int):
+    """Rebuild a fitted :class:`~classifiers.feature.boosting.LightGBMFeatureClassifier` from
+    :func:`save_lightgbm`'s file, checked first (:func:`~classifiers.feature.booster_check.check_lightgbm_text`).
+
+    Raises
+    ------
+    LightGBMMissingError
+        If lightgbm is not installed.
+    ModelFormatError
+        If the file is not a well-formed model of ``n_features`` features and ``classes``.
+    """
+    from classifiers.feature.boosting import LightGBMFeatureClassifier, import_lightgbm
+
+    lightgbm = import_lightgbm()
+    try:
+        text = check_lightgbm_text(Path(path).read_bytes(), int(n_features), len(classes), str(path))
+    except BoosterFormatError as exc:
+        raise ModelFormatError(str(exc)) from None
+    known = LightGBMFeatureClassifier().get_params()
+    wrapper = LightGBMFeatureClassifier(**{k: v for k, v in params.items() if k in known})
+    wrapper.booster_ = lightgbm.Booster(model_str=text)
+    wrapper.classes_ = np.asarray(classes, dtype=object)
+    wrapper.n_features_in_ = int(n_features)
+    wrapper.n_rounds_ = int(wrapper.booster_.current_iteration())
     wrapper.device_ = "cpu"
     return wrapper
 
@@ -420,12 +463,8 @@ def save_model(model: TrainedModel, out_dir: Path | str, *, overwrite: bool = Fa
     with atomic_directory(out) as tmp:
         files = []
         for k, est in enumerate(model.fitted.estimators):
-            if model.classifier == "xgboost":
-                path = tmp / f"estimator-{k}.json"
-                save_xgboost(est, path)
-            else:
-                path = tmp / f"estimator-{k}.npz"
-                save_logreg(est, path)
+            path = tmp / f"estimator-{k}{_SUFFIX[model.classifier]}"
+            {".json": save_xgboost, ".txt": save_lightgbm, ".npz": save_logreg}[path.suffix](est, path)
             files.append((path.name, file_sha256(path)))
         record = model_record(model, files)
         (tmp / MODEL_FILE).write_text(json.dumps(record, indent=2, allow_nan=False))
@@ -500,20 +539,23 @@ def _load_checked(model_dir: Path, record: dict) -> TrainedModel:
         name = str(entry.get("file", ""))
         if not _SAFE_NAME.match(name):
             raise ModelFormatError(f"{model_dir}/{MODEL_FILE} names an estimator file {name!r} that is not a "
-                                   "plain estimator-<k>.json/.npz in the directory; refusing to read it")
+                                   "plain estimator-<k>.json/.npz/.txt in the directory; refusing to read it")
         path = model_dir / name
         if not path.is_file():
             raise ModelFormatError(f"{path} is missing; copy the whole model directory")
         if file_sha256(path) != entry.get("sha256"):
             raise ModelFormatError(f"{path} does not match the sha256 in {MODEL_FILE}: the directory was modified "
                                    "or copied incompletely; copy it again")
-        if classifier == "xgboost":
-            if path.suffix != ".json":
-                raise ModelFormatError(f"{path}: an XGBoost model must be a .json booster")
-            est = load_xgboost(path, entry["classes"], record["params"], entry["n_features"])
+        if path.suffix != _SUFFIX[classifier]:
+            raise ModelFormatError(f"{path}: a {classifier} model must be an estimator-<k>{_SUFFIX[classifier]} file")
+        if classifier in ("xgboost", "xgboost-es"):
+            from classifiers.feature.boosting import XGBoostEarlyStoppingClassifier
+
+            cls = XGBoostFeatureClassifier if classifier == "xgboost" else XGBoostEarlyStoppingClassifier
+            est = load_xgboost(path, entry["classes"], record["params"], entry["n_features"], cls)
+        elif classifier == "lightgbm":
+            est = load_lightgbm(path, entry["classes"], record["params"], entry["n_features"])
         else:
-            if path.suffix != ".npz":
-                raise ModelFormatError(f"{path}: a logistic regression must be an .npz of arrays")
             est = load_logreg(path, record["params"])
             if ([str(c) for c in est.classes_] != list(entry["classes"])
                     or est.n_features_in_ != int(entry["n_features"])):

@@ -187,7 +187,8 @@ def warn_version_differences(model: TrainedModel, configs) -> list[str]:
         libraries = FEATURE_LIBRARIES + (("openvino",) if config.engine == "openvino" else ())
         if changed := version_differences(config.versions, names=libraries):
             notes.append(f"store {name!r} was extracted with other versions: {', '.join(changed)}")
-    if changed := version_differences(model.versions, names=CLASSIFIER_LIBRARIES):
+    libraries = CLASSIFIER_LIBRARIES + (("lightgbm",) if model.classifier == "lightgbm" else ())
+    if changed := version_differences(model.versions, names=libraries):
         notes.append(f"the model was trained with other versions: {', '.join(changed)}")
     for note in notes:
         log.warning("%s; features and probabilities may differ slightly from the training machine's", note)
