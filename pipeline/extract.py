@@ -140,6 +140,8 @@ def extract(args) -> int:
           + ", ".join(f"{c} {counts[c]}" for c in class_order(counts.index)), flush=True)
     for ids in dataset.attrs.get("duplicates", []):
         print(f"  same image content (kept in one group): {' = '.join(ids)}", flush=True)
+    if args.preset:
+        print(get_preset(args.preset).expected_time(len(dataset)), flush=True)
     for options in stores:
         config = resolve_config(dataset, **{k: getattr(options, k) for k in CONFIG_OPTIONS})
         if args.dask:

@@ -36,6 +36,9 @@ class Preset:
         How the stores are combined.
     tune : bool
         Inner-CV hyper-parameter choice (``classifiers.feature.tuning``).
+    seconds_per_image : float
+        Extraction time of all its stores per 2048x1536 photo on 2 CPU cores, measured on
+        bach-dev (docs/extraction.md); ``pipeline.extract`` states the expected time from it.
     """
 
     name: str
@@ -44,6 +47,14 @@ class Preset:
     classifier: str
     fusion: str
     tune: bool
+    seconds_per_image: float
+
+    def expected_time(self, n_images: int) -> str:
+        """What extracting ``n_images`` photos should take, as one line for the log."""
+        minutes = n_images * self.seconds_per_image / 60
+        return (f"preset {self.name}: expect about {max(1, round(minutes))} min for {n_images} images on 2 CPU "
+                f"cores ({self.seconds_per_image:g} s per 2048x1536 photo measured on bach-dev; longer on a "
+                "busy machine, shorter for smaller images or images already in the store)")
 
 
 def _store(backbone, mode, scale, crops=1, crop_size=0, pooling="mean"):
@@ -65,6 +76,7 @@ PRESETS = {
         classifier="logreg-sqrt",
         fusion="concat",  # one store: no fusion
         tune=True,
+        seconds_per_image=2.3,  # 685 s for 300 on a clean clone, load 4-5
     ),
     # The cheapest store of the comparison on 300 images (83.1 +- 0.4 %), 0.75x bach's
     # extraction time; the signed square root does not help it (83.1 +- 1.2 %).
@@ -77,6 +89,7 @@ PRESETS = {
         classifier="logreg",
         fusion="concat",  # one store: no fusion
         tune=True,
+        seconds_per_image=1.7,
     ),
 }
 PRESET_NAMES = tuple(PRESETS)

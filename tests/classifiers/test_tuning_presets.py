@@ -193,6 +193,12 @@ def test_select_stores_finds_each_preset_store_by_config(tmp_path):
         get_preset("nope")
 
 
+def test_preset_states_its_expected_extraction_time():
+    line = get_preset("bach").expected_time(300)  # 300 x 2.3 s
+    assert line.startswith("preset bach: expect about 12 min for 300 images on 2 CPU cores (2.3 s per")
+    assert "about 1 min for 10 images" in get_preset("bach-fast").expected_time(10)  # never "0 min"
+
+
 def test_preset_bach_cross_validates_and_trains_its_classifier(tmp_path):
     """``--preset bach`` reads its store under the root and uses the preset's classifier and tuning."""
     from classifiers.feature.model_io import load_model
