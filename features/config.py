@@ -12,6 +12,7 @@ from features.pooling import POOLINGS, parse_instances
 MODES = ("exact", "shared", "whole")
 PRECISIONS = ("float32", "bfloat16")
 ENGINES = ("keras", "openvino")
+COLOR_AUGMENTATIONS = ("rgb", "hed")  # features.augment: ColorAugmentation, HEDAugmentation
 
 # Bump when the meaning of stored features changes without any config field changing.
 FEATURE_FORMAT_VERSION = 1
@@ -23,7 +24,7 @@ _DESCRIPTIVE = ("weights", "weights_file", "package_version", "versions")
 # Fields added after format 1, left out of the hash at the value that reproduces what was
 # computed before they existed, so existing stores keep their keys.
 _OMITTED_AT = {"mode": "exact", "precision": "float32", "batch_size": 8, "engine": "keras",
-               "instances": "none"}
+               "instances": "none", "color_augmentation": "rgb", "hed_sigma": 0.05}
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,12 @@ class ExtractionConfig:
     batch_size : crops (augmented images in shared/whole mode) per forward pass.  Part of the
         key: the backbone's arithmetic, hence the last bits of every feature, depends on the
         batch shape, so a store is extracted, resumed and reproduced (``predict``) with one size.
-    color_gain, color_shift : ranges of the colour augmentation (``features.augment``).
+    color_augmentation : ``"rgb"`` (an affine transform of each RGB channel, ranges
+        ``color_gain`` and ``color_shift``) or ``"hed"`` (an affine transform of each stain's
+        concentration after colour deconvolution, Tellez et al. 2019, range ``hed_sigma``);
+        ``features.augment``.
+    color_gain, color_shift : ranges of the rgb colour augmentation.
+    hed_sigma : range of the hed colour augmentation (0.05: Tellez et al.'s HED-light).
     versions : :func:`software_versions` of the machine that made the config (recorded, not
         hashed: features depend on them in their last bits, so ``predict`` warns when they differ).
     """
@@ -80,6 +86,8 @@ class ExtractionConfig:
     seed: int = 0
     color_gain: float = 0.1
     color_shift: float = 20.0
+    color_augmentation: str = "rgb"
+    hed_sigma: float = 0.05
     batch_size: int = 8
     engine: str = "keras"
     feature_format: int = FEATURE_FORMAT_VERSION
@@ -102,6 +110,15 @@ class ExtractionConfig:
             (self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}"),
             (0 <= self.color_gain < 1, "color_gain must be in [0, 1)"),
             (0 <= self.color_shift <= 128, "color_shift must be in [0, 128]"),
+            (self.color_augmentation in COLOR_AUGMENTATIONS,
+             f"color_augmentation must be one of {', '.join(COLOR_AUGMENTATIONS)}"),
+            (0 <= self.hed_sigma < 1, "hed_sigma must be in [0, 1)"),
+            # An option of the other augmentation would split the store key for nothing.
+            (self.color_augmentation == "hed" or self.hed_sigma == type(self).hed_sigma,
+             "hed_sigma applies to color_augmentation 'hed' only"),
+            (self.color_augmentation == "rgb"
+             or (self.color_gain, self.color_shift) == (type(self).color_gain, type(self).color_shift),
+             "color_gain and color_shift apply to color_augmentation 'rgb' only"),
             (isinstance(self.seed, int) and 0 <= self.seed < 2**32, "seed must be in [0, 2**32)"),
             (isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size must be >= 1"),
         ]
@@ -143,10 +160,11 @@ class ExtractionConfig:
     @property
     def sampling(self) -> str:
         """What the backbone sees per augmentation, for logs: crops, or the whole image."""
+        colour = "" if self.color_augmentation == "rgb" else f" (HED, sigma {self.hed_sigma})"
         if self.mode == "whole":
             cells = "" if self.instances == "none" else f" ({self.instances} instances)"
-            return f"{self.augmentations} augmentations x whole image{cells}, scale {self.scale}"
-        return (f"{self.augmentations} augmentations x {self.crops} crops of {self.crop_size} px "
+            return f"{self.augmentations} augmentations{colour} x whole image{cells}, scale {self.scale}"
+        return (f"{self.augmentations} augmentations{colour} x {self.crops} crops of {self.crop_size} px "
                 f"({self.mode}), scale {self.scale}")
 
     @property

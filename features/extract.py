@@ -349,10 +349,16 @@ class FeatureExtractor:
         padded[:n] = windows
         return np.asarray(self._pooled[key](batch, padded))[:n]
 
+    def _colour_graph(self, images, tables, per_image: bool):
+        """The config's colour augmentation in the graph: per-channel tables (rgb) or OD
+        transforms (hed); ``features.augment``'s ``apply_graph``."""
+        from features.augment import color_augmentation
+
+        return color_augmentation(self.config).apply_graph(images, tables, per_image)
+
     def _pooled_graph(self, pooling: str | None, augment: bool = False):
         import tensorflow as tf
 
-        from features.augment import apply_luts_graph
         from features.feature_maps import window_means_graph
         from features.pooling import pool_features_graph
 
@@ -366,11 +372,12 @@ class FeatureExtractor:
 
         if not augment:
             return tf.function(whole if pooling is None else windowed, autograph=False)
+        colour = self._colour_graph
         if pooling is None:
-            return tf.function(lambda image, luts: whole(apply_luts_graph(image, luts, False)),
+            return tf.function(lambda image, luts: whole(colour(image, luts, False)),
                                autograph=False)
         return tf.function(lambda image, luts, windows: windowed(
-            apply_luts_graph(image, luts, False), windows), autograph=False)
+            colour(image, luts, False), windows), autograph=False)
 
     def to_device(self, image: np.ndarray):
         """One uint8 image as a tensor on the backbone's device: sent once, whatever the number
@@ -386,13 +393,14 @@ class FeatureExtractor:
                          instances: str = "none") -> np.ndarray:
         """:meth:`pooled_maps` of ``len(luts)`` colour augmentations of one image made in the
         graph: ``image`` from :meth:`to_device`, ``luts`` ``(n, 256, 3)`` uint8 colour tables
-        (:meth:`features.augment.ColorAugmentation.lut`), ``windows`` ``(n, k, 3)`` or None.
-        Equal bit for bit to :meth:`pooled_maps` of the copies augmented on the host.
+        (:meth:`features.augment.ColorAugmentation.lut`; with ``color_augmentation="hed"``,
+        ``(n, 4, 3)`` float32 OD transforms, :meth:`features.augment.HEDAugmentation.table`),
+        ``windows`` ``(n, k, 3)`` or None.  With tables, equal bit for bit to :meth:`pooled_maps`
+        of the copies augmented on the host.
         ``instances="cells-AxB"`` (with ``windows=None``) returns ``(n, A * B, dim)``: the map
         averaged over each cell (:func:`features.feature_maps.cell_means_graph`)."""
         n, size = len(luts), pad_to or self.batch_size
-        tables = np.zeros((size, 256, 3), np.uint8)  # all-zero tables: blank padding images
-        tables[:n] = luts
+        tables = _padded_tables(luts, size)
         if instances != "none":
             if windows is not None:
                 raise ValueError("instances are the cells of the whole image's map: pass windows=None")
@@ -417,8 +425,7 @@ class FeatureExtractor:
         (:func:`features.augment.augmented_crops`); the batch is padded with blank crops."""
         n, size = len(luts), self.batch_size
         side = int(windows[0, 2])
-        tables = np.zeros((size, 256, 3), np.uint8)
-        tables[:n] = luts
+        tables = _padded_tables(luts, size)
         positions = np.zeros((size, 2), np.int32)
         positions[:n] = np.asarray(windows)[:, :2]
         key = ("crops", side)
@@ -429,22 +436,21 @@ class FeatureExtractor:
     def _cells_graph(self, instances: str):
         import tensorflow as tf
 
-        from features.augment import apply_luts_graph
         from features.feature_maps import cell_means_graph
 
-        maps = self._map_fn
-        return tf.function(lambda image, luts: cell_means_graph(maps(apply_luts_graph(image, luts, False)),
+        maps, colour = self._map_fn, self._colour_graph
+        return tf.function(lambda image, luts: cell_means_graph(maps(colour(image, luts, False)),
                                                                 instances), autograph=False)
 
     def _crops_graph(self, side: int):
         import tensorflow as tf
 
-        from features.augment import apply_luts_graph, crops_graph
+        from features.augment import crops_graph
 
-        maps = self._map_fn
+        maps, colour = self._map_fn, self._colour_graph
 
         def forward(image, luts, positions):
-            crops = apply_luts_graph(crops_graph(image, positions, side), luts, per_image=True)
+            crops = colour(crops_graph(image, positions, side), luts, per_image=True)
             return tf.reduce_mean(maps(crops), axis=[1, 2])
         return tf.function(forward, autograph=False)
 
@@ -453,6 +459,15 @@ class FeatureExtractor:
         batcher = ImageBatcher(self)
         batcher.add(crops)
         return batcher.finish()
+
+
+def _padded_tables(tables: np.ndarray, size: int) -> np.ndarray:
+    """``tables`` (one colour table per augmentation, any shape and dtype) zero-padded to
+    ``size``: all-zero tables make blank padding images (black for rgb, white for hed)."""
+    tables = np.asarray(tables)
+    padded = np.zeros((size, *tables.shape[1:]), tables.dtype)
+    padded[:len(tables)] = tables
+    return padded
 
 
 class ImageBatcher:

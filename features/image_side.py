@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from data.io import ImageReadError, read_image
-from features.augment import ColorAugmentation, draw_augmentation, effective_crop_size
+from features.augment import (ColorAugmentation, HEDAugmentation, color_augmentation, draw_augmentation,
+                              effective_crop_size)
 from features.backbones import get_backbone
 from features.config import ExtractionConfig
 from features.pooling import grid_shape
@@ -52,14 +53,13 @@ class Preprocessing:
     colour augmentation, both rebuilt from the config alone."""
 
     normalizer: MacenkoNormalizer | None
-    color: ColorAugmentation
+    color: ColorAugmentation | HEDAugmentation
     min_input: int = 1  # the backbone's smallest input side
 
     @classmethod
     def from_config(cls, config: ExtractionConfig) -> "Preprocessing":
         normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
-        return cls(normalizer, ColorAugmentation(config.color_gain, config.color_shift),
-                   get_backbone(config.backbone).min_input)
+        return cls(normalizer, color_augmentation(config), get_backbone(config.backbone).min_input)
 
 
 def _too_small(image: np.ndarray, config: ExtractionConfig, min_input: int) -> str | None:
@@ -155,11 +155,11 @@ def _worker_context():
 
 def image_items(row, prepared: tuple, config: ExtractionConfig, prep: Preprocessing):
     """One image's work for the backbone: ``('image', image)``, then per augmentation
-    ``('aug', i, (lut, windows))`` and finally ``('end', note)``; or a single
+    ``('aug', i, (table, windows))`` and finally ``('end', note)``; or a single
     ``('error', reason)`` (``prepared`` is :func:`prepare_image`'s result).
 
     The image goes to the device once; each augmentation is its colour table
-    (:meth:`AugmentationDraw.lut`, 768 bytes) and its crop windows ``(y, x, side)`` (``None``
+    (:meth:`AugmentationDraw.table`: 768 bytes for RGB, 48 for HED) and its crop windows ``(y, x, side)`` (``None``
     in whole mode), all drawn here from the seeded generator of (seed, image, augmentation).
     The extractor's graph applies the table and cuts or pools the windows.
     """
@@ -175,7 +175,7 @@ def image_items(row, prepared: tuple, config: ExtractionConfig, prep: Preprocess
             width=image.shape[1], n_crops=0 if config.mode == "whole" else config.crops,
             crop_size=config.crop_size, color=prep.color,
         )
-        yield ("aug", aug, (draw.lut(), None if config.mode == "whole" else draw.windows))
+        yield ("aug", aug, (draw.table(), None if config.mode == "whole" else draw.windows))
     yield ("end", note)
 
 

@@ -9,7 +9,8 @@ of a random init), and the Keras, TensorFlow and OpenVINO versions, so a later r
 without importing TensorFlow or building the Keras model (``pipeline.predict`` on one image).
 
 The colour tables, crops and pooling, which the Keras engine runs in its compiled graph, run
-here on the host with the library's numpy functions (:meth:`ColorAugmentation.lut` tables,
+here on the host with the library's numpy functions (:meth:`ColorAugmentation.lut` tables or
+:meth:`HEDAugmentation.apply_table`,
 :func:`features.feature_maps.pool_windows`, :func:`features.pooling.pool_features`), equal to
 the graph's.  Features differ from the Keras engine's beyond the last bit (other kernels; a
 test states the tolerance), so the engine is part of the store key.
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from data.files import atomic_directory, file_sha256, package_version
+from features.augment import HEDAugmentation
 from features.backbones import extractor_setup, get_backbone
 from features.config import ExtractionConfig
 from features.feature_maps import cell_means, window_cells
@@ -245,12 +247,14 @@ class OpenVINOExtractor:
             raise TypeError(f"the extractor takes uint8 RGB images, got {np.asarray(image).dtype}")
         return image
 
-    @staticmethod
-    def _colour(image: np.ndarray, lut: np.ndarray) -> np.ndarray:
-        # What ColorAugmentation.apply and the Keras graph compute: each channel through its table.
+    def _colour(self, image: np.ndarray, table: np.ndarray) -> np.ndarray:
+        # What the Keras graph computes: each channel through its table (rgb), or the OD
+        # transform (hed; float32 as the graph, equal to it within a level on rounding edges).
+        if self.config.color_augmentation == "hed":
+            return HEDAugmentation.apply_table(image, table)
         out = np.empty_like(image)
         for c in range(3):
-            out[..., c] = lut[:, c][image[..., c]]
+            out[..., c] = table[:, c][image[..., c]]
         return out
 
     def augmented_pooled(self, image, luts: np.ndarray, windows: np.ndarray | None,

@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline._common import add_data_options, HelpFormatter, load_data, run
 from classifiers.feature.presets import PRESET_NAMES, STORE_FIELDS, get_preset
 from features.backbones import backbone_names
-from features.config import ENGINES, MODES, PRECISIONS, ExtractionConfig
+from features.config import COLOR_AUGMENTATIONS, ENGINES, MODES, PRECISIONS, ExtractionConfig
 from features.pooling import POOLINGS
 
 log = logging.getLogger("pipeline.extract")
@@ -56,6 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                    "'none' for random initialisation (testing only)")
     p.add_argument("--augmentations", type=int, default=d.augmentations,
                    help="colour augmentations per image (augmentation 0 is the original)")
+    p.add_argument("--color-augmentation", default=d.color_augmentation, choices=COLOR_AUGMENTATIONS,
+                   help="'rgb': a random affine transform of each RGB channel's intensities (gain 1 ± "
+                   f"{d.color_gain} around mid-grey, shift ± {d.color_shift:g} levels); 'hed': a random affine "
+                   "transform of each stain's concentration (haematoxylin, eosin, DAB by colour "
+                   "deconvolution; Tellez et al. 2019), range --hed-sigma. Part of the store key when 'hed'")
+    p.add_argument("--hed-sigma", type=float, default=d.hed_sigma,
+                   help="with --color-augmentation hed: stain concentrations become alpha * c + beta, alpha "
+                   "from 1 ± SIGMA, beta from ± SIGMA (optical density units); 0.05 is Tellez et al.'s "
+                   "HED-light, 0.2 their HED-strong")
     p.add_argument("--crops", type=int, default=d.crops, help="random crops per augmentation")
     p.add_argument("--crop-size", type=int, default=None,
                    help=f"crop side in pixels after scaling; images smaller than that use "
@@ -115,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 #: Options of one store, as :func:`features.extract.resolve_config` takes them.
 CONFIG_OPTIONS = ("backbone", "weights", "stain_reference", "crop_size", "scale", "two_stage_model",
                   "augmentations", "crops", "pooling", "mode", "instances", "precision", "seed", "batch_size",
-                  "engine")
+                  "engine", "color_augmentation", "hed_sigma")
 
 
 def extract(args) -> int:

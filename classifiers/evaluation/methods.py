@@ -109,10 +109,24 @@ def _store_methods(name: str, config: dict, unnormalised: list, paths=()) -> dic
         **{key: config.get(key) for key in ("augmentations", "color_gain", "color_shift", "crops", "crop_size",
                                              "scale", "mode", "pooling", "precision", "seed", "batch_size")},
         "instances": config.get("instances", "none"),
+        # Absent from configs made before the option: the rgb augmentation.
+        "color_augmentation": config.get("color_augmentation", "rgb"),
+        "hed_sigma": config.get("hed_sigma"),
         "crop_sides": [] if whole else crop_sides(paths, config["crop_size"], config.get("scale", 1.0)),
         "config_hash": config.get("config_hash"),
         "versions": config.get("versions") or {},
     }
+
+
+def _colour_words(store: dict) -> str:
+    """What the colour augmentation of a store did, for the Methods paragraph."""
+    if store.get("color_augmentation", "rgb") == "hed":
+        sigma = store.get("hed_sigma")
+        return (f"an affine transform of each stain's concentration (haematoxylin, eosin and DAB separated "
+                f"by colour deconvolution with Ruifrok and Johnston's matrix in optical density), gain drawn "
+                f"from 1 ± {sigma} and shift from ± {sigma} (Tellez et al. 2019)")
+    return (f"an affine transform of each RGB channel's intensities, contrast gain drawn from "
+            f"1 ± {store.get('color_gain')} around mid-grey and shift from ± {store.get('color_shift')} levels")
 
 
 def describe_methods(result, command: str | None = None) -> dict:
@@ -234,10 +248,8 @@ def methods_paragraph(methods: dict) -> str:
                    else f"weights {store.get('weights')}" + (f" (sha256 {sha[:12]}…)" if sha else ""))
         sentences.append(
             f"{_stain_sentence(store)} Each image gave {store.get('augmentations')} colour augmentations "
-            f"(the first the identity; the others an affine transform of each RGB channel's intensities, "
-            f"contrast gain drawn from 1 ± {store.get('color_gain')} around mid-grey and shift from "
-            f"± {store.get('color_shift')} levels, seeded from the image and augmentation index with root "
-            f"seed {store.get('seed')}); {_sampling(store)}. Features came from {_words(store.get('backbone'))} "
+            f"(the first the identity; the others {_colour_words(store)}, seeded from the image and "
+            f"augmentation index with root seed {store.get('seed')}); {_sampling(store)}. Features came from {_words(store.get('backbone'))} "
             f"with {weights}, computed in {store.get('precision')}.")
     if methods.get("fusion"):
         sentences.append(f"The stores' features were combined by {' and by '.join(methods['fusion'])} fusion.")

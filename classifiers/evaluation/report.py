@@ -383,7 +383,10 @@ def _methods_html(summary: dict) -> list:
                 f"{u['image_id']} ({u['reason']})" for u in unnormalised[:20]) if unnormalised else "")
              + (" (Macenko's stain estimate failed on them)" if unnormalised else "")),
             ("colour augmentations per image", store["augmentations"]),
-            ("augmentation ranges", f"gain 1 ± {store['color_gain']}, shift ± {store['color_shift']} levels per RGB channel"),
+            ("augmentation ranges",
+             f"gain 1 ± {store['hed_sigma']}, shift ± {store['hed_sigma']} per stain concentration "
+             "(haematoxylin, eosin, DAB; Tellez et al. 2019)" if store.get("color_augmentation") == "hed"
+             else f"gain 1 ± {store['color_gain']}, shift ± {store['color_shift']} levels per RGB channel"),
             ("crops per augmentation", "whole image" if store["mode"] == "whole" else store["crops"]),
             ("crop size (px, after scaling; capped at the shorter image side)",
              "n/a" if store["mode"] == "whole" else store["crop_size"]),

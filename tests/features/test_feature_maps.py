@@ -111,9 +111,9 @@ def test_augmentation_in_the_graph_equals_the_hosts(extractor):
     color = ColorAugmentation()
     draws = [draw_augmentation(seed=0, image_id="x", aug_index=a, height=100, width=140, n_crops=3,
                                crop_size=64, color=color) for a in range(2)]
-    assert draws[1].lut().shape == (256, 3) and draws[1].lut().dtype == np.uint8
+    assert draws[1].table().shape == (256, 3) and draws[1].table().dtype == np.uint8
     on_device = extractor.to_device(image)
-    luts, windows = np.stack([d.lut() for d in draws]), np.stack([d.windows for d in draws])
+    luts, windows = np.stack([d.table() for d in draws]), np.stack([d.windows for d in draws])
     copies = np.stack([color.apply(image, d.gain, d.shift) for d in draws])
     for pooling in ("mean", "pnorm3"):
         np.testing.assert_array_equal(extractor.augmented_pooled(on_device, luts, windows, pooling),
