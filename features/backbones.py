@@ -52,6 +52,9 @@ class BackboneSpec:
     extraction_defaults : with ``weights_file_of``: ``extraction_defaults(directory) -> dict``
         of the extraction options the trained model implies (``scale``, ``crop_size``,
         ``stain``: its Macenko state or None).
+    extractor : for features computed on the host without a network (``nuclear_stats``):
+        ``extractor(config, batch_size) ->`` an object with the interface of
+        ``features.extract.FeatureExtractor``; ``build`` and ``preprocess`` are then unused.
     """
 
     name: str
@@ -64,6 +67,7 @@ class BackboneSpec:
     stride: int = 32
     weights_file_of: Callable[[Path], Path] | None = None
     extraction_defaults: Callable[[Path], dict] | None = None
+    extractor: Callable | None = None
 
     @property
     def trained(self) -> bool:
@@ -211,6 +215,16 @@ def _lite_multilevel_spec(variant: str, feature_dim: int) -> BackboneSpec:
     )
 
 
+def _nuclear_extractor(config, batch_size=None):
+    from features.nuclear import NuclearStatisticsExtractor
+
+    return NuclearStatisticsExtractor(config, batch_size)
+
+
+def _no_network(*_args, **_kwargs):
+    raise ValueError("nuclear_stats computes hand-crafted statistics; it has no network to build")
+
+
 def weights_sha256(spec: BackboneSpec, path: Path | str) -> str:
     """Hash identifying the weights a backbone loads: the file's, or the trained model's."""
     if spec.weights_file_of is not None:
@@ -256,6 +270,17 @@ BACKBONES: dict[str, BackboneSpec] = {
         _lite_multilevel_spec("lite1", 2024),
         _lite_multilevel_spec("lite2", 2096),
     )},
+    # 41 = len(features.nuclear.FEATURE_NAMES) (checked by a test; the registry imports fast).
+    "nuclear_stats": BackboneSpec(
+        name="nuclear_stats",
+        feature_dim=41,
+        build=_no_network,
+        preprocess=_no_network,
+        default_weights=lambda: None,  # nothing to load: the config records weights "none"
+        weights_source="none: nuclear statistics of the haematoxylin channel (features.nuclear)",
+        min_input=32,
+        extractor=_nuclear_extractor,
+    ),
 }
 
 

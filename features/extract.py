@@ -247,7 +247,11 @@ def build_backbone_model(config: ExtractionConfig, spec, weights_file: Path | No
 
 def make_extractor(config: ExtractionConfig, batch_size: int | None = None):
     """The extractor of ``config.engine``: :class:`FeatureExtractor` (Keras) or
-    :class:`features.openvino_engine.OpenVINOExtractor`, one interface."""
+    :class:`features.openvino_engine.OpenVINOExtractor`, one interface; a backbone without a
+    network (:attr:`BackboneSpec.extractor`) brings its own."""
+    spec = get_backbone(config.backbone)
+    if spec.extractor is not None:
+        return spec.extractor(config, batch_size)
     if config.engine == "openvino":
         return OpenVINOExtractor(config, batch_size=batch_size)
     return FeatureExtractor(config, batch_size=batch_size)
@@ -648,7 +652,7 @@ def iter_image_features(rows, config: ExtractionConfig, extractor,
     thread.start()
     row, pooled = None, None
     try:
-        if not isinstance(extractor, (FeatureExtractor, OpenVINOExtractor)):
+        if not hasattr(extractor, "augmented_pooled"):  # a builder, not an extractor
             extractor = extractor()
         while (item := items.get()) is not _END:
             kind = item[0]
