@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import shlex
 
+import numpy as np
+
 from classifiers.feature.estimators import make_classifier
 from classifiers.feature.tuning import PARAM_GRIDS, public_params
 from data.files import software_versions
@@ -88,6 +90,13 @@ def _chosen_summary(chosen: list) -> dict:
             counts = out.setdefault(key, {})
             counts[str(value)] = counts.get(str(value), 0) + 1
     return out
+
+
+def _spread(counts: dict) -> str:
+    """``{"120": 2, "80": 1}`` (value: folds) -> ``"80 to 120 (median 120)"``."""
+    values = sorted(float(v) for v, n in counts.items() for _ in range(n))
+    lo, hi, median = (f"{x:g}" for x in (values[0], values[-1], float(np.median(values))))
+    return lo if lo == hi else f"{lo} to {hi} (median {median})"
 
 
 def _store_methods(name: str, config: dict, unnormalised: list, paths=()) -> dict:
@@ -262,6 +271,9 @@ def methods_paragraph(methods: dict) -> str:
                                for k, counts in clf["chosen"].items())
             text += (f"; {grid} chosen inside each training fold by a grouped 3-fold inner "
                      f"cross-validation" + (f" (chosen {chosen})" if chosen else ""))
+        elif clf["chosen"]:  # no grid: what early stopping kept (--tune reports it)
+            text += "".join(f"; early stopping kept {_spread(counts)} {key} over the training folds"
+                            for key, counts in clf["chosen"].items())
         sentences.append(text + ".")
     sentences.append(
         f"Performance was estimated by {cv['n_folds']}-fold stratified cross-validation grouped by "

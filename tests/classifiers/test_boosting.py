@@ -236,3 +236,6 @@ def test_cv_report_cli_runs_the_boosters_beside_logreg(tmp_path):
     assert len(rounds) == 8 and rounds.between(1, 1999).all()
     methods = {c["name"]: c for c in metrics["methods"]["classifiers"]}
     assert "early stopping" in methods["lightgbm"]["words"] and methods["lightgbm"]["params"]["num_leaves"] == 15
+    lgb = tuning.loc[tuning["run"] == "lightgbm", "rounds"].astype(int)
+    spread = f"{lgb.min()} to {lgb.max()} (median {np.median(lgb):g}) rounds"
+    assert f"early stopping kept {spread} over the training folds" in (out / "methods.txt").read_text()
