@@ -39,7 +39,7 @@ _CLASSIFIER_WORDS = {
                   "log-loss of a grouped, stratified inner split holding out validation_fraction of the images "
                   "(stopping after early_stopping_rounds rounds without improvement), then trained again on "
                   "all the fold's training images for that number of rounds (refit)",
-    "lightgbm": "gradient-boosted trees (LightGBM, as Rakhlin et al. 2018) whose number of rounds (at most "
+    "lightgbm": "gradient-boosted trees (LightGBM, the library of Rakhlin et al. 2018) whose number of rounds (at most "
                 "n_estimators) was chosen inside each training fold by early stopping on the multi-class "
                 "log-loss of a grouped, stratified inner split holding out validation_fraction of the images "
                 "(stopping after early_stopping_rounds rounds without improvement), then trained again on "
