@@ -17,7 +17,9 @@ They are computed once per image, on the prepared (scaled, stain-normalised) pho
 colour augmentation, and repeated for every augmentation row of the store: the augmentations
 would only move the threshold a little, at 8x the cost (about 0.65 s per 1024x768 image on one
 core).  Alone they classify BACH poorly; concatenated to CNN features they add what the CNN
-misses (docs/accuracy.md).  Measured by scikit-image, which implements every step above.
+misses (docs/accuracy.md).  Measured by scikit-image, which implements every step above: an
+optional dependency (``pip install scikit-image``, or the ``nuclear`` extra), checked when the
+extractor is built, before any image is read.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ FEATURE_NAMES = (
     + ("circularity_mean", "circularity_sd", "h_mean", "h_sd", "e_mean", "e_sd", "h_threshold")
     + tuple(f"glcm_{p}_{d}" for p in _GLCM for d in _DISTANCES)
 )
+
+INSTALL_HINT = ("backbone nuclear_stats needs scikit-image: pip install scikit-image "
+                "(or pip install -e \".[nuclear]\" in a source checkout)")
 
 #: Smallest side the statistics are computed on (the 9 px co-occurrence distance, a few nuclei).
 MIN_SIDE = 32
@@ -101,6 +106,10 @@ class NuclearStatisticsExtractor:
                              "does not apply (leave the default)")
         if config.instances != "none":
             raise ValueError(f"backbone {config.backbone} has no feature map: --instances does not apply")
+        try:
+            import skimage  # noqa: F401
+        except ImportError as exc:
+            raise ValueError(INSTALL_HINT) from exc
         self.config = config
         self.batch_size = config.batch_size if batch_size is None else batch_size
         self.feature_dim = len(FEATURE_NAMES)

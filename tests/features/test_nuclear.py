@@ -75,3 +75,20 @@ def test_nuclear_stats_refuses_options_that_need_a_network():
             make_extractor(config)
     with pytest.raises(ValueError, match="heatmaps"):
         make_extractor(base).feature_maps(np.zeros((1, 64, 64, 3), np.uint8))
+
+
+def test_missing_scikit_image_is_one_clear_error(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_skimage(name, *args, **kwargs):
+        if name == "skimage" or name.startswith("skimage."):
+            raise ImportError("No module named 'skimage'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_skimage)
+    config = ExtractionConfig(backbone="nuclear_stats", weights="none", augmentations=2, mode="whole",
+                              crops=1, crop_size=0)
+    with pytest.raises(ValueError, match="pip install scikit-image"):
+        make_extractor(config)
