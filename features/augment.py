@@ -43,6 +43,13 @@ def augmentation_rng(seed: int, image_id: str, aug_index: int) -> np.random.Gene
     return np.random.default_rng([int(seed), image_seed(image_id), int(aug_index)])
 
 
+def affine_draw(rng: np.random.Generator, scale_range: float, shift_range: float):
+    """Per-channel ``(scale ~ U(1 -+ scale_range), shift ~ U(-+ shift_range))``, 3 values each, in
+    that order (the order fixes every store's draws)."""
+    return (rng.uniform(1.0 - scale_range, 1.0 + scale_range, size=3),
+            rng.uniform(-shift_range, shift_range, size=3))
+
+
 @dataclass(frozen=True)
 class ColorAugmentation:
     """Per-channel affine intensity transform; see the module docstring for the ranges."""
@@ -51,9 +58,7 @@ class ColorAugmentation:
     shift_range: float = 20.0
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        gain = rng.uniform(1.0 - self.gain_range, 1.0 + self.gain_range, size=3)
-        shift = rng.uniform(-self.shift_range, self.shift_range, size=3)
-        return gain, shift
+        return affine_draw(rng, self.gain_range, self.shift_range)
 
     @staticmethod
     def lut(gain: np.ndarray, shift: np.ndarray) -> np.ndarray:
@@ -112,9 +117,7 @@ class HEDAugmentation:
     sigma: float = 0.05
 
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        alpha = rng.uniform(1.0 - self.sigma, 1.0 + self.sigma, size=3)
-        beta = rng.uniform(-self.sigma, self.sigma, size=3)
-        return alpha, beta
+        return affine_draw(rng, self.sigma, self.sigma)
 
     @staticmethod
     def identity() -> tuple[np.ndarray, np.ndarray]:
