@@ -26,7 +26,7 @@ from data.io import read_image
 from features.augment import ColorAugmentation, draw_augmentation
 from features.extract import FeatureExtractor, extract_to_store, make_config
 from features.feature_maps import pool_windows
-from features.stain import MacenkoNormalizer
+from features.stain import StainNormalizer
 from features.store import load_store
 from features.transforms import scale_image
 
@@ -34,7 +34,7 @@ from features.transforms import scale_image
 def crop_level(config, dataset, n_images: int, batch_size: int) -> dict:
     """Exact vs shared features of the very same crops, and the time each mode takes."""
     extractor = FeatureExtractor(config, batch_size=batch_size)
-    normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
+    normalizer = StainNormalizer.from_params(config.stain) if config.stain else None
     color = ColorAugmentation(config.color_gain, config.color_shift)
     rows = dataset.iloc[np.linspace(0, len(dataset) - 1, n_images).round().astype(int)]
     cosines, t_exact, t_shared, n_crops = [], 0.0, 0.0, 0

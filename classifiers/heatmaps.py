@@ -240,12 +240,12 @@ class FeatureSource:
     def prepare(self, image: np.ndarray) -> tuple[np.ndarray, str | None]:
         """Resize and normalise as extraction does (augmentation 0 is the identity)."""
         from features.transforms import scale_image
-        from features.stain import MacenkoNormalizer
+        from features.stain import StainNormalizer
 
         image = scale_image(np.asarray(image), self.scale)
         if self.stain is None:
             return image, None
-        return MacenkoNormalizer.from_params(self.stain).transform_or_keep(image)
+        return StainNormalizer.from_params(self.stain).transform_or_keep(image)
 
 
 def pooled_window_features(image: np.ndarray, extractor, grid: WindowGrid) -> np.ndarray:

@@ -36,7 +36,7 @@ from features.openvino_engine import OpenVINOExtractor, import_openvino
 from features.pooling import mean_of_instances, pool_features
 from features.image_side import (Preprocessing, default_workers, image_items, iter_host_items,
                                  prepare_image)
-from features.stain import fit_stain_reference
+from features.stain import check_stain_method, fit_stain_reference
 from features.store import META_COLUMNS, FeatureStore, FeatureTable, make_record
 
 log = logging.getLogger(__name__)
@@ -58,13 +58,15 @@ def make_config(
     backbone: str = "efficientnet_lite0",
     weights: str | None = "imagenet",
     stain_reference: str | None = "auto",
+    stain_method: str = "macenko",
     **options,
 ) -> ExtractionConfig:
     """Resolve user options into a full :class:`ExtractionConfig`.
 
     Fails fast, before any image is processed: unknown backbone, missing weights file,
     unusable stain reference.  ``stain_reference`` is ``"auto"`` (chosen from ``dataset``),
-    ``"none"`` (no normalisation) or an image path.  With ``mode="whole"`` the crop options
+    ``"none"`` (no normalisation) or an image path; ``stain_method`` estimates the stain
+    vectors (:data:`features.stain.STAIN_METHODS`: ``"macenko"`` or ``"vahadane"``).  With ``mode="whole"`` the crop options
     (``crops``, ``crop_size``, ``pooling``) are ignored and recorded as 1, 0 and ``"mean"``.
     """
     spec = get_backbone(backbone)
@@ -76,14 +78,18 @@ def make_config(
         import_openvino()  # not installed: say how, before any work
     weights_file = resolve_weights(spec, weights)
     scale = options.get("scale", ExtractionConfig.scale)
+    check_stain_method(stain_method)
     if stain_reference is None or str(stain_reference).lower() == "none":
+        if stain_method != "macenko":
+            raise ValueError(f"stain_method {stain_method!r} asks for normalisation, but "
+                             "stain_reference is 'none'")
         stain = None
     elif str(stain_reference).lower() == "auto":
         if dataset is None or len(dataset) == 0:
             raise ValueError("stain_reference='auto' needs the dataset to choose from")
-        stain = fit_stain_reference(dataset, scale)
+        stain = fit_stain_reference(dataset, scale, method=stain_method)
     else:
-        stain = fit_stain_reference(dataset, scale, reference=stain_reference)
+        stain = fit_stain_reference(dataset, scale, reference=stain_reference, method=stain_method)
     return ExtractionConfig(
         backbone=backbone,
         weights="none" if weights_file is None else str(weights),
@@ -163,7 +169,7 @@ def extract_features(data, out, *, progress: bool = True, workers: int | None = 
         :func:`features.image_side.default_workers`); the store does not depend on it.
     **options
         As :func:`resolve_config` takes them: ``backbone``, ``weights``, ``stain_reference``,
-        ``crop_size``, ``scale``, ``augmentations``, ``crops``, ``pooling``, ``mode``, ...
+        ``stain_method``, ``crop_size``, ``scale``, ``augmentations``, ``crops``, ``pooling``, ``mode``, ...
 
     Returns
     -------

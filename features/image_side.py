@@ -32,7 +32,7 @@ from features.augment import (ColorAugmentation, HEDAugmentation, color_augmenta
 from features.backbones import get_backbone
 from features.config import ExtractionConfig
 from features.pooling import grid_shape
-from features.stain import MacenkoNormalizer
+from features.stain import StainNormalizer
 from features.transforms import scale_image
 
 
@@ -52,13 +52,13 @@ class Preprocessing:
     """Per-run state of the image side: the fitted Macenko normaliser (or None) and the
     colour augmentation, both rebuilt from the config alone."""
 
-    normalizer: MacenkoNormalizer | None
+    normalizer: StainNormalizer | None
     color: ColorAugmentation | HEDAugmentation
     min_input: int = 1  # the backbone's smallest input side
 
     @classmethod
     def from_config(cls, config: ExtractionConfig) -> "Preprocessing":
-        normalizer = MacenkoNormalizer.from_params(config.stain) if config.stain else None
+        normalizer = StainNormalizer.from_params(config.stain) if config.stain else None
         return cls(normalizer, color_augmentation(config), get_backbone(config.backbone).min_input)
 
 

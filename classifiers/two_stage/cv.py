@@ -566,10 +566,10 @@ def _load(model: TwoStageModel, path: str) -> tuple[np.ndarray, str]:
     raw = read_image(path)
     if cfg.stain is None:
         return model.preprocess(raw, path), ""
-    from features.stain import MacenkoNormalizer
+    from features.stain import StainNormalizer
 
     image = TwoStageModel(replace(cfg, stain=None)).preprocess(raw, path)  # scale, size check
-    image, reason = MacenkoNormalizer.from_params(cfg.stain).transform_or_keep(image)
+    image, reason = StainNormalizer.from_params(cfg.stain).transform_or_keep(image)
     return image, reason or ""
 
 

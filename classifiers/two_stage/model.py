@@ -112,7 +112,7 @@ class TwoStageConfig:
     cache_mb : float
         Memory for decoded training images; beyond it images are re-read from disk.
     stain : dict or None
-        Macenko state (:meth:`features.stain.MacenkoNormalizer.params`, as made by
+        Macenko state (:meth:`features.stain.StainNormalizer.params`, as made by
         :func:`features.stain.fit_stain_reference`) or None: no normalisation (the paper
         relies on colour augmentation instead).
     seed : int
@@ -402,9 +402,9 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
                 f"{cfg.patch_size}x{cfg.patch_size} patch; use a smaller patch size or a larger scale"
             )
         if cfg.stain is not None:
-            from features.stain import MacenkoNormalizer
+            from features.stain import StainNormalizer
 
-            image, reason = MacenkoNormalizer.from_params(cfg.stain).transform_or_keep(image)
+            image, reason = StainNormalizer.from_params(cfg.stain).transform_or_keep(image)
             if reason:
                 log.info("image '%s' kept unnormalised: %s", name, reason)
         return image

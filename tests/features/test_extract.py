@@ -66,7 +66,8 @@ def test_rerun_does_no_work_and_is_bit_identical(clean_store, tiny_dataset, conf
 
 def test_changed_config_gets_its_own_store(clean_store, tiny_dataset, config):
     root, summary = clean_store
-    for change in ({"seed": 1}, {"pooling": "max"}, {"crop_size": 40}, {"stain_reference": "none"}):
+    for change in ({"seed": 1}, {"pooling": "max"}, {"crop_size": 40}, {"stain_reference": "none"},
+                   {"stain_method": "vahadane"}):
         options = {**SMALL, "seed": 0, **change}
         changed = make_config(tiny_dataset, backbone="efficientnet_lite0", weights=None, **options)
         assert changed.config_hash != config.config_hash, change
