@@ -7,7 +7,7 @@ Usage::
         [--regroup MAPPING.json] [--magnification 40 ...] [--folds 6] \\
         [--classifier xgboost|logreg|mil|two_stage] [--seed S] [--fusion concat|mean-proba] \\
         [--n-jobs 2] [--device auto|cpu|cuda] \\
-        [--two-stage-preset paper|cpu] [--two-stage-config JSON] [--two-stage-stain none|auto|IMAGE]
+        [--two-stage-preset paper|cpu|finetune] [--two-stage-config JSON] [--two-stage-stain none|auto|IMAGE]
 
 ``--classifier`` and ``--fusion`` may be repeated or comma-separated; by default
 both feature classifiers run on ``--features``, and the two-stage CNN on ``--data``
@@ -36,7 +36,7 @@ from classifiers.feature.presets import PRESET_NAMES, get_preset
 logger = logging.getLogger("pipeline.cv_report")
 TWO_STAGE = "two_stage"
 ALL_CLASSIFIERS = CV_CLASSIFIER_NAMES + (TWO_STAGE,)
-TWO_STAGE_PRESETS = ("paper", "cpu")  # classifiers.two_stage.cv.PRESETS (not imported: TensorFlow)
+TWO_STAGE_PRESETS = ("paper", "cpu", "finetune")  # classifiers.two_stage.cv.PRESETS (not imported: TensorFlow)
 
 
 def _choices_list(allowed):
@@ -98,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     two = parser.add_argument_group("two-stage CNN (--classifier two_stage)")
     two.add_argument("--two-stage-preset", default="paper", choices=TWO_STAGE_PRESETS,
                      help="starting config: paper (Nazeri et al.: 512-px patches at full resolution, 30+30 "
-                     "epochs) or cpu (scale 0.25, 128-px patches, half the patch-wise width, 25 epochs: see docs/two-stage.md)")
+                     "epochs), cpu (scale 0.25, 128-px patches, half the patch-wise width, 25 epochs) or finetune "
+                     "(ImageNet EfficientNet-Lite0 fine-tuned as the patch-wise network, scale 0.5, 512-px patches; "
+                     "meant for a GPU): see docs/two-stage.md")
     two.add_argument("--two-stage-config", metavar="JSON",
                      help="TwoStageConfig fields overriding the preset: a JSON file or an inline JSON "
                      "object, e.g. '{\"epochs\": 5}' (scheme, seed and stain come from --labels, --seed, "

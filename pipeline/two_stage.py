@@ -3,6 +3,7 @@
 ::
 
     python -m pipeline.two_stage train --data DIR_OR_CSV --out MODEL_DIR [options]
+    python -m pipeline.two_stage train ... --patch-network efficientnet_lite0   # fine-tune ImageNet (GPU)
     python -m pipeline.two_stage predict --model MODEL_DIR IMAGE_OR_DIR ... [--out predictions.csv]
 
 Training checkpoints every finished epoch under ``MODEL_DIR/checkpoints``; rerunning the same
@@ -15,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from classifiers.two_stage.model import METHODS, TwoStageConfig
+from classifiers.two_stage.model import METHODS, PATCH_NETWORKS, TwoStageConfig
 from pipeline._common import (LABELS_HELP, HelpFormatter, add_data_options, add_training_options, labels_spec,
                               load_data, run, training_config)
 
@@ -25,7 +26,8 @@ log = logging.getLogger("pipeline.two_stage")
 def build_parser() -> argparse.ArgumentParser:
     d = TwoStageConfig
     p = argparse.ArgumentParser(prog="python -m pipeline.two_stage",
-                                description="Two-stage CNN trained from scratch (Nazeri et al. 2018).")
+                                description="Two-stage CNN (Nazeri et al. 2018), trained from scratch or "
+                                "fine-tuning an ImageNet patch-wise network.")
     sub = p.add_subparsers(dest="command", required=True)
     fmt = HelpFormatter
 
@@ -46,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--head", default=d.patch_head, choices=("flatten", "gap"),
                    help="patch-wise training head: the authors' flatten + dense, or global average "
                    "pooling + dense")
+    t.add_argument("--patch-network", default=d.patch_network, choices=PATCH_NETWORKS,
+                   help="patch-wise network: nazeri (the paper's, from scratch) or an ImageNet "
+                   "EfficientNet-Lite fine-tuned in its place (meant for a GPU; patch size a multiple of "
+                   "128; docs/two-stage.md gives the settings of cv_report's finetune preset)")
+    t.add_argument("--patch-weights", default=d.patch_weights,
+                   help="starting weights of a pretrained patch-wise network: imagenet, a weights file, "
+                   "or none (random)")
     add_training_options(t, d, epochs_help="patch-wise epochs", batch_help="mini-batch size",
                          val_help="training images held out for validation and early stopping (0: none)",
                          seed_help="root of all random draws", quiet_help="no progress bars")
@@ -80,26 +89,34 @@ def train(args) -> int:
     dataset = load_data(args, scheme=args.scheme)
     scheme = resolve_scheme(args.scheme, dataset["label"])
     args.scheme = scheme.name if scheme.builtin else scheme.to_dict()
+    config_from_args(args)  # a bad option fails before the stain reference is fitted
     stain = None
     if args.stain_reference.lower() != "none":
         from features.stain import fit_stain_reference
 
         reference = None if args.stain_reference.lower() == "auto" else args.stain_reference
         stain = fit_stain_reference(dataset, args.scale, reference)
-    config = TwoStageConfig(
-        **training_config(args), scheme=args.scheme, patch_size=args.patch_size, stride=args.stride,
-        channels=args.channels, patch_width=args.width, image_width=args.image_width,
-        patch_head=args.head, image_epochs=args.image_epochs, lr_decay=args.lr_decay,
-        lr_decay_every=args.lr_decay_every, patch_copies=args.patch_copies,
-        image_copies=args.image_copies, color_jitter=args.color_jitter,
-        patience=args.patience, cache_mb=args.cache_mb, stain=stain,
-    )
+    config = config_from_args(args, stain)
     log.info("training on %d images (%s: %s) into %s", len(dataset), scheme.name, ", ".join(scheme.classes), args.out)
     model = TwoStageModel(config)
     model.fit(dataset, checkpoint_dir=args.out / "checkpoints", progress=not args.quiet)
     model.save(args.out)
     print(train_report(model, args.out))
     return 0
+
+
+def config_from_args(args, stain: dict | None = None) -> TwoStageConfig:
+    """The :class:`TwoStageConfig` of parsed ``train`` options (``args.scheme`` resolved)."""
+    weights = None if str(args.patch_weights).lower() == "none" else args.patch_weights
+    return TwoStageConfig(
+        **training_config(args), scheme=args.scheme, patch_size=args.patch_size, stride=args.stride,
+        channels=args.channels, patch_width=args.width, image_width=args.image_width,
+        patch_head=args.head, image_epochs=args.image_epochs, lr_decay=args.lr_decay,
+        lr_decay_every=args.lr_decay_every, patch_copies=args.patch_copies,
+        image_copies=args.image_copies, color_jitter=args.color_jitter,
+        patience=args.patience, cache_mb=args.cache_mb, stain=stain,
+        patch_network=args.patch_network, patch_weights=weights,
+    )
 
 
 def train_report(model, out: Path) -> str:

@@ -38,7 +38,16 @@ def read_two_stage_record(directory: Path | str) -> dict:
 
 
 def _patch_net_file(directory: Path) -> Path:
-    read_two_stage_record(directory)
+    network = read_two_stage_record(directory)["config"].get("patch_network", "nazeri")
+    if network != "nazeri":
+        # Its maps have stride 32 and its trunk is not a chain of layers: this backbone's
+        # stride-8 windows and layer walk do not apply.
+        raise ValueError(
+            f"'{directory}': the two_stage backbone takes models whose patch-wise network is the "
+            f"from-scratch 'nazeri' one; this model fine-tuned {network!r}. Use its patch votes "
+            f"(python -m pipeline.two_stage predict --method majority) or the ImageNet backbone "
+            f"(--backbone {network}) instead"
+        )
     return Path(directory).expanduser() / PATCH_NET_FILE
 
 

