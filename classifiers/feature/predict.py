@@ -260,7 +260,7 @@ def predict_images(
     start = time.perf_counter()
     configs = reproducible_configs(model, weights)
     frame = image_frame(dict.fromkeys(map(str, paths)))
-    skipped, metas, Xs, device = [], [], [], ""
+    skipped, metas, Xs, devices = [], [], [], {}
     for name, config, dim in zip(model.store_names, configs, model.feature_dims):
         if frame.empty:
             break
@@ -269,7 +269,7 @@ def predict_images(
             log.warning("store %s was extracted with batch size %d; batch size %d changes the last bits "
                         "of the features", name, config.batch_size, batch_size)
         table, summary = extract_in_memory(frame, config, batch_size=batch_size, progress=progress)
-        device = summary.device
+        devices[name] = summary.device
         if summary.skipped:
             skipped += [{"image": s["path"], "reason": s["reason"]} for s in summary.skipped]
             gone = {s["image_id"] for s in summary.skipped}
@@ -286,6 +286,7 @@ def predict_images(
         metas.append(table.meta.reset_index(drop=True))
         Xs.append(table.X)
     classes = tuple(model.classes)
+    device = _devices_line(devices)
     if frame.empty:
         return PredictionResult(predictions_table([], None, classes, 0), skipped, classes,
                                 seconds=time.perf_counter() - start, device=device)
@@ -303,6 +304,14 @@ def predict_images(
                               stain_note=_stain_notes(images, metas, model.store_names))
     add_levels(table, model, mapping)
     return PredictionResult(table, skipped, classes, row_proba, row_image, time.perf_counter() - start, device)
+
+
+def _devices_line(devices: dict) -> str:
+    """What ran each store's extractor: one device, or ``store: device`` per store when they differ
+    (a CNN store on the GPU beside a hand-crafted one on the CPU)."""
+    if len(set(devices.values())) <= 1:
+        return next(iter(devices.values()), "")
+    return "; ".join(f"{name}: {device}" for name, device in devices.items())
 
 
 def _stain_notes(images, metas, store_names) -> list:

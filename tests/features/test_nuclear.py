@@ -92,3 +92,20 @@ def test_missing_scikit_image_is_one_clear_error(monkeypatch):
                               crops=1, crop_size=0)
     with pytest.raises(ValueError, match="pip install scikit-image"):
         make_extractor(config)
+
+
+def test_predict_names_each_stores_device_when_they_differ(tiny_dataset, tmp_path):
+    from classifiers import predict_images, train
+
+    nuclear = extract_to_store(tiny_dataset, make_config(tiny_dataset, **{**NUCLEAR_WHOLE, "augmentations": 2}),
+                               tmp_path / "features", progress=False)
+    cnn = extract_to_store(tiny_dataset, make_config(
+        tiny_dataset, backbone="efficientnet_lite0", weights=None, stain_reference="none", augmentations=2,
+        scale=1.0, mode="whole"), tmp_path / "features", progress=False)
+    model = train([cnn.store_path, nuclear.store_path], classifier="logreg", fusion="concat")
+    result = predict_images(model, list(tiny_dataset["path"][:2]))
+    assert len(result.table) == 2
+    cnn_name, nuclear_name = model.trained.store_names
+    assert result.device == (f"{cnn_name}: {cnn.device}; {nuclear_name}: CPU (hand-crafted statistics, "
+                             "scikit-image)")
+    assert cnn.device.startswith("CPU")
