@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     two.add_argument("--two-stage-preset", default="paper", choices=TWO_STAGE_PRESETS,
                      help="starting config: paper (Nazeri et al.: 512-px patches at full resolution, 30+30 "
                      "epochs), cpu (scale 0.25, 128-px patches, half the patch-wise width, 25 epochs) or finetune "
-                     "(ImageNet EfficientNet-Lite0 fine-tuned as the patch-wise network, scale 0.5, 512-px patches; "
+                     "(ImageNet EfficientNet-Lite0 fine-tuned as the patch-wise network, scale 0.5, 384-px patches; "
                      "meant for a GPU): see docs/two-stage.md")
     two.add_argument("--two-stage-config", metavar="JSON",
                      help="TwoStageConfig fields overriding the preset: a JSON file or an inline JSON "

@@ -70,19 +70,21 @@ RUNS: tuple[tuple[str, str, bool], ...] = (
 #: randomly rotated/flipped, half the time colour-jittered copy of each patch, batches of 32, the
 #: learning rate divided by 10 after epoch 20; the image-wise network as in the paper.
 #: ``finetune`` (meant for a GPU; docs/two-stage.md measures its CPU cost) fine-tunes ImageNet
-#: EfficientNet-Lite0 as the patch-wise network: images at half resolution (BACH: 1024 x 768, 6
-#: training patches of 512 at stride 256, a 1 x 2 grid for the image-wise network), 16 maps per
-#: patch read by a pooled head (with one map a pooled head leaves one number per patch), Adam at
-#: 1e-4 (a tenth of training from scratch: the pretrained filters are to be adjusted, not
-#: replaced), 8 epochs of the 8 rotations/flips of every patch (half of them colour-jittered),
-#: batches of 16; the rate stays at 1e-4 through the patch-wise epochs and for the image-wise
-#: network's first 20 (both networks share it).
+#: EfficientNet-Lite0 as the patch-wise network on images at half resolution with 384-pixel
+#: patches (768 pixels of the original): bach-dev's 1536 x 1536 photos give 9 training patches
+#: (stride 192) and a 2 x 2 grid covering the whole image for the votes and the image-wise
+#: network (512-pixel patches would leave one central patch); 16 maps per patch read by a pooled
+#: head (with one map a pooled head leaves one number per patch); Adam at 1e-4 (a tenth of
+#: training from scratch: the pretrained filters are to be adjusted, not replaced), 8 epochs of
+#: the 8 rotations/flips of every patch (half of them colour-jittered), batches of 16; the rate
+#: stays at 1e-4 through the patch-wise epochs and the image-wise network's first 20 (both
+#: networks share it).
 PRESETS: dict[str, dict] = {
     "paper": {},
     "cpu": dict(scale=0.25, patch_size=128, stride=64, patch_width=8, epochs=25, batch_size=32,
                 lr_decay_every=20, patch_copies=1, inference_batch_size=64),
-    "finetune": dict(patch_network="efficientnet_lite0", patch_weights="imagenet", scale=0.5, patch_size=512,
-                     stride=256, channels=16, patch_head="gap", epochs=8, batch_size=16, learning_rate=1e-4,
+    "finetune": dict(patch_network="efficientnet_lite0", patch_weights="imagenet", scale=0.5, patch_size=384,
+                     stride=192, channels=16, patch_head="gap", epochs=8, batch_size=16, learning_rate=1e-4,
                      lr_decay_every=20, patch_copies=8, inference_batch_size=16),
 }
 

@@ -440,8 +440,8 @@ def _training_device(cfg: TwoStageConfig) -> str:
     device = describe_device()
     log.info("two-stage CNN (%s patch-wise network) trains on the %s", cfg.patch_network, device)
     if cfg.pretrained and not device.startswith("GPU"):
-        log.warning("fine-tuning %s is meant for a GPU: on a CPU it costs hours per fold at 512-pixel "
-                    "patches (docs/two-stage.md, 'Fine-tuning a pretrained patch-wise network')", cfg.patch_network)
+        log.warning("fine-tuning %s is meant for a GPU: on a CPU the finetune preset costs hours per fold "
+                    "(docs/two-stage.md, 'Fine-tuning a pretrained patch-wise network')", cfg.patch_network)
     return device
 
 

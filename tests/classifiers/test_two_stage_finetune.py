@@ -79,8 +79,13 @@ def test_finetune_preset_and_cv_report_choices():
     cfg = preset_config("finetune", {"epochs": 2}, scheme="bach4", seed=1)
     assert (cfg.patch_network, cfg.patch_weights, cfg.scale, cfg.patch_size, cfg.stride, cfg.learning_rate,
             cfg.batch_size, cfg.patch_head, cfg.channels, cfg.epochs) == (
-        "efficientnet_lite0", "imagenet", 0.5, 512, 256, 1e-4, 16, "gap", 16, 2)
-    assert cfg.map_size == 16
+        "efficientnet_lite0", "imagenet", 0.5, 384, 192, 1e-4, 16, "gap", 16, 2)
+    assert cfg.map_size == 12  # 3 x 3 after the image-wise network's two stride-2 convolutions
+    from classifiers.two_stage.grid import grid_shape
+
+    # bach-dev's 1536 x 1536 photos at scale 0.5: 9 training patches, a 2 x 2 grid covering the image.
+    assert grid_shape(768, 768, cfg.patch_size, cfg.stride) == (3, 3)
+    assert grid_shape(768, 768, cfg.patch_size, cfg.patch_size) == (2, 2) and 2 * cfg.patch_size == 768
     args = build_parser().parse_args(["--data", "x", "--out", "o", "--two-stage-preset", "finetune"])
     assert args.two_stage_preset == "finetune"
 
