@@ -50,6 +50,11 @@ def affine_draw(rng: np.random.Generator, scale_range: float, shift_range: float
             rng.uniform(-shift_range, shift_range, size=3))
 
 
+def identity_draw() -> tuple[np.ndarray, np.ndarray]:
+    """The draw of augmentation 0, which leaves the image as it is: scale 1, shift 0 per channel."""
+    return np.ones(3), np.zeros(3)
+
+
 @dataclass(frozen=True)
 class ColorAugmentation:
     """Per-channel affine intensity transform; see the module docstring for the ranges."""
@@ -70,10 +75,7 @@ class ColorAugmentation:
 
     # The interface HEDAugmentation shares: identity draw, the per-augmentation table the
     # extractor takes, its application on the host and in the graph.
-    @staticmethod
-    def identity() -> tuple[np.ndarray, np.ndarray]:
-        return np.ones(3), np.zeros(3)
-
+    identity = staticmethod(identity_draw)
     table = lut
 
     @staticmethod
@@ -119,9 +121,7 @@ class HEDAugmentation:
     def sample(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         return affine_draw(rng, self.sigma, self.sigma)
 
-    @staticmethod
-    def identity() -> tuple[np.ndarray, np.ndarray]:
-        return np.ones(3), np.zeros(3)
+    identity = staticmethod(identity_draw)
 
     @staticmethod
     def table(alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
