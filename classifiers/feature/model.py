@@ -61,11 +61,11 @@ class FeatureModel:
         from classifiers.feature.predict import predict_images, reproducible_configs
         from classifiers.predictions import predict_inputs
 
-        reproducible_configs(self._fitted(), weights)  # a model we cannot apply fails before any input check
+        configs = reproducible_configs(self._fitted(), weights)  # a model we cannot apply fails before any input check
         self.check_mapping(mapping)
         return predict_inputs(inputs, lambda paths: predict_images(self.trained, paths, weights=weights,
                                                                    batch_size=batch_size, progress=progress,
-                                                                   mapping=mapping))
+                                                                   mapping=mapping, configs=configs))
 
     def check_mapping(self, mapping) -> list:
         """The levels predictions are read in (:func:`classifiers.evaluation.levels.prediction_levels`);
@@ -81,10 +81,10 @@ class FeatureModel:
         accuracy table (:func:`classifiers.feature.predict.predict_dataset`)."""
         from classifiers.feature.predict import predict_dataset, reproducible_configs
 
-        reproducible_configs(self._fitted(), weights)
+        configs = reproducible_configs(self._fitted(), weights)
         self.check_mapping(mapping)
         return predict_dataset(self.trained, data, mapping=mapping, weights=weights, batch_size=batch_size,
-                               progress=progress)
+                               progress=progress, configs=configs)
 
     def heatmaps(self, *, window=None, step=None, exact: bool = False, whole_image: str = "model", weights=None,
                  batch_size: int = 8, **_):

@@ -225,6 +225,7 @@ def predict_images(
     batch_size: int | None = None,
     progress: bool = False,
     mapping=None,
+    configs: list | None = None,
 ) -> PredictionResult:
     """Extract, classify and vote every image of ``paths``.
 
@@ -244,6 +245,9 @@ def predict_images(
     mapping : data.mapping.LabelScheme, optional
         Also read the predictions through this mapping (:func:`add_levels`); the model's own
         groupings are always added as ``prediction_<grouping>`` columns.
+    configs : list of ExtractionConfig, optional
+        :func:`reproducible_configs` of ``model`` and ``weights`` when the caller has them
+        already (it hashes every weights file); computed here otherwise.
 
     Returns
     -------
@@ -258,7 +262,7 @@ def predict_images(
     from features.extract import extract_in_memory
 
     start = time.perf_counter()
-    configs = reproducible_configs(model, weights)
+    configs = reproducible_configs(model, weights) if configs is None else configs
     frame = image_frame(dict.fromkeys(map(str, paths)))
     skipped, metas, Xs, devices = [], [], [], {}
     for name, config, dim in zip(model.store_names, configs, model.feature_dims):

@@ -400,3 +400,16 @@ def test_train_summary_states_the_real_crop_size(tmp_path):
     assert sampling(config, paths) == ("4 augmentations x 4 crops of 150-192 px (750 capped at the scaled image "
                                        "side) (exact), scale 0.5")
     assert sampling(config, []) == config.sampling  # no image to read: the config's words
+
+
+def test_a_prediction_checks_the_models_configs_once(logreg_dir, tiny_dir, monkeypatch):
+    # reproducible_configs hashes every weights file: the model checks once and passes them on.
+    from classifiers import load_model
+    from classifiers.feature import predict as predict_module
+
+    calls = []
+    real = predict_module.reproducible_configs
+    monkeypatch.setattr(predict_module, "reproducible_configs",
+                        lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+    result = load_model(logreg_dir).predict_images([str(tiny_dir / "normal")])
+    assert len(result.table) == 2 and len(calls) == 1
