@@ -68,6 +68,19 @@ _VERSION_NAMES = ("breast-histology-pipeline", "tensorflow", "keras", "xgboost",
                   "opencv", "staintools")
 
 
+def two_stage_training_words(config: dict | None) -> str:
+    """How the two-stage CNN's networks were initialised and trained, from its config record
+    (``TwoStageConfig.to_dict``; records made before ``patch_network`` existed: from scratch)."""
+    network = (config or {}).get("patch_network", "nazeri")
+    if network == "nazeri":
+        return "both networks trained from scratch inside each training fold"
+    start = ("pretrained on ImageNet" if (config or {}).get("patch_weights") == "imagenet"
+             else f"starting from weights {config.get('patch_weights')}" if config.get("patch_weights")
+             else "randomly initialised")
+    return (f"the patch-wise network an {_BACKBONE_WORDS.get(network, network)} {start}, fine-tuned with its batch "
+            "normalisation frozen, and the image-wise network trained from scratch, both inside each training fold")
+
+
 def command_line(module: str, argv) -> str:
     """``python -m MODULE ARGS`` quoted for a shell, as the Methods state it."""
     return shlex.join(["python", "-m", module, *map(str, argv)])
@@ -165,7 +178,9 @@ def describe_methods(result, command: str | None = None) -> dict:
         chosen = [p for run in result.runs if run.spec.classifier == clf for p in getattr(run, "chosen_params", [])]
         classifiers.append({
             "name": clf,
-            "words": _CLASSIFIER_WORDS.get(clf, clf),
+            "words": (f"the two-stage CNN of Nazeri et al. (2018), {two_stage_training_words(result.two_stage.get('config'))} "
+                      "(its configuration is in the report's two-stage section)"
+                      if clf == "two_stage" and getattr(result, "two_stage", None) else _CLASSIFIER_WORDS.get(clf, clf)),
             "params": _classifier_params(clf),
             "tuned": bool(config.tune) and clf in PARAM_GRIDS,
             "grid": {k.rsplit("__", 1)[-1]: v for k, v in PARAM_GRIDS.get(clf, {}).items()} if config.tune else {},

@@ -46,7 +46,7 @@ from matplotlib.ticker import MaxNLocator
 from classifiers.evaluation.cross_validation import CVResult
 from classifiers.evaluation import report_levels
 from classifiers.evaluation.gallery import misclassified, thumbnail_jpeg
-from classifiers.evaluation.methods import describe_methods, methods_paragraph
+from classifiers.evaluation.methods import describe_methods, methods_paragraph, two_stage_training_words
 from classifiers.evaluation.metrics import (
     BOOTSTRAP_RESAMPLES, METRIC_CONVENTIONS, grouping_roc, grouping_to_binary, reliability, roc_per_class, run_metrics,
 )
@@ -277,6 +277,11 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
+def _sentence(text: str) -> str:
+    """``text`` with its first letter capitalised (``str.capitalize`` would lower the rest)."""
+    return text[:1].upper() + text[1:]
+
+
 def _ci(pair) -> str:
     return "n/a" if pair is None or None in pair else f"[{pair[0]:.3f}, {pair[1]:.3f}]"
 
@@ -487,7 +492,7 @@ def _html(summary: dict, pictures: dict, galleries: dict | None = None, thumbnai
         info = summary["two_stage"]
         parts += [
             "<h2>Two-stage CNN (Nazeri et al. 2018)</h2>",
-            "<p class='note'>Both networks trained from scratch inside each training fold. Runs: two_stage "
+            f"<p class='note'>{esc(_sentence(two_stage_training_words(info['config'])))}. Runs: two_stage "
             "(single pass), two_stage_ensemble (8 rotations/flips; majority = vote of the views, mean "
             "probability = the paper's rule), patch_majority / patch_max / patch_sum (patch-fusion "
             f"baselines, single pass). Stain reference: {esc(str(info['stain_reference']))}; "

@@ -206,3 +206,13 @@ def test_train_cli_builds_the_pretrained_config():
     args.patch_size = 96
     with pytest.raises(ValueError, match="multiple of 128"):
         config_from_args(args)
+
+
+def test_report_words_say_how_the_patch_wise_network_was_trained():
+    from classifiers.evaluation.methods import two_stage_training_words
+
+    old_record = {k: v for k, v in TwoStageConfig().to_dict().items() if k not in ("patch_network", "patch_weights")}
+    assert two_stage_training_words(old_record) == "both networks trained from scratch inside each training fold"
+    imagenet = two_stage_training_words(TwoStageConfig(**{**LITE, "patch_weights": "imagenet"}).to_dict())
+    assert imagenet.startswith("the patch-wise network an EfficientNet-Lite0 pretrained on ImageNet, fine-tuned")
+    assert "randomly initialised" in two_stage_training_words(TwoStageConfig(**LITE).to_dict())
