@@ -361,6 +361,7 @@ def _history_summary(model: TwoStageModel) -> dict:
         "image_val_accuracy_best": max(best) if best else None,
         "n_validation_images": len(model.history_.get("validation_ids", [])),
         "device": model.history_.get("device"),
+        "patch_weights_sha256": model.history_.get("patch_weights_sha256"),
     }
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "build_image_network",
     "build_patch_network",
     "fuse_patch_probabilities",
+    "patch_weights_sha256",
 ]
 
 #: Prediction methods: the two networks jointly, and Araujo et al.'s patch-fusion baselines.
@@ -433,6 +434,17 @@ def infer(model, x: np.ndarray):
     return [o.numpy() for o in out] if isinstance(out, (list, tuple)) else out.numpy()
 
 
+def patch_weights_sha256(cfg: TwoStageConfig) -> str | None:
+    """sha256 of the file a pretrained patch-wise network starts from (recorded in the model's
+    history: which ImageNet weights it was fine-tuned from); None for random or ``nazeri``."""
+    if not cfg.pretrained or cfg.patch_weights is None or cfg.patch_weights.lower() == "none":
+        return None
+    from features.backbones import get_backbone, resolve_weights, weights_sha256
+
+    spec = get_backbone(cfg.patch_network)
+    return weights_sha256(spec, resolve_weights(spec, cfg.patch_weights))
+
+
 def _training_device(cfg: TwoStageConfig) -> str:
     """Log (and return) the device TensorFlow trains on; fine-tuning on a CPU is a warning."""
     from features.extract import describe_device
@@ -468,8 +480,9 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
     patch_net_, image_net_ : keras.Model
         The two networks.
     history_ : dict
-        ``{"patch": [...], "image": [...]}`` per-epoch logs, the validation image ids and the
-        ``device`` TensorFlow trained on.
+        ``{"patch": [...], "image": [...]}`` per-epoch logs, the validation image ids, the
+        ``device`` TensorFlow trained on and ``patch_weights_sha256`` (the starting weights of a
+        pretrained patch-wise network, else None).
 
     Notes
     -----
@@ -622,6 +635,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
                                      "image-wise network needs images of one size")
         self.initialize(next(iter(grids)))
         self.history_["device"] = _training_device(cfg)
+        self.history_["patch_weights_sha256"] = patch_weights_sha256(cfg)
         train, val = training.validation_split(labels, groups, cfg.val_fraction, cfg.seed)
         self.history_["validation_ids"] = [names[i] for i in val]
 

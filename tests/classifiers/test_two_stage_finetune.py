@@ -138,6 +138,17 @@ def test_imagenet_weights_and_input_scaling_are_the_registrys():
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_the_starting_weights_hash_is_the_registry_files():
+    from classifiers.two_stage.model import patch_weights_sha256
+    from data.files import file_sha256
+    from features.backbones import get_backbone, resolve_weights
+
+    expected = file_sha256(resolve_weights(get_backbone("efficientnet_lite0"), "imagenet"))
+    assert patch_weights_sha256(TwoStageConfig(**{**LITE, "patch_weights": "imagenet"})) == expected
+    assert patch_weights_sha256(TwoStageConfig(**LITE)) is None
+    assert patch_weights_sha256(TwoStageConfig()) is None  # nazeri: no starting weights
+
+
 def test_missing_weights_file_is_a_clear_error(tmp_path):
     from features.backbones import WeightsNotFoundError
 
@@ -164,6 +175,7 @@ def test_fit_trains_both_stages_and_logs_the_device(finetuned):
     assert [(r["stage"], r["optimizer_steps"]) for r in patch + image] == [("patch", 3), ("image", 1)]
     assert np.isfinite(patch[0]["loss"]) and patch[0]["val_accuracy"] is not None
     assert model.history_["device"].startswith(("CPU", "GPU"))
+    assert model.history_["patch_weights_sha256"] is None  # random initialisation
 
 
 def test_predict_save_load_round_trip(finetuned, tmp_path):
