@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                          val_help="training images held out for validation and early stopping (0: none)",
                          seed_help="root of all random draws", quiet_help="no progress bars")
     t.add_argument("--image-epochs", type=int, default=d.image_epochs, help="maximum image-wise epochs")
+    t.add_argument("--image-lr", type=float, default=d.image_learning_rate,
+                   help="starting learning rate of the image-wise network (default: --lr's; give 1e-3 "
+                   "with a fine-tuned --patch-network, whose --lr is low)")
     t.add_argument("--lr-decay", type=float, default=d.lr_decay, help="learning-rate factor per step")
     t.add_argument("--lr-decay-every", type=int, default=d.lr_decay_every, help="epochs per step")
     t.add_argument("--patch-copies", type=int, default=d.patch_copies,
@@ -115,7 +118,7 @@ def config_from_args(args, stain: dict | None = None) -> TwoStageConfig:
         lr_decay_every=args.lr_decay_every, patch_copies=args.patch_copies,
         image_copies=args.image_copies, color_jitter=args.color_jitter,
         patience=args.patience, cache_mb=args.cache_mb, stain=stain,
-        patch_network=args.patch_network, patch_weights=weights,
+        patch_network=args.patch_network, patch_weights=weights, image_learning_rate=args.image_lr,
     )
 
 

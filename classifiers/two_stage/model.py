@@ -101,6 +101,10 @@ class TwoStageConfig:
         Mini-batch size of both networks.
     learning_rate, lr_decay, lr_decay_every : float, float, int
         Adam's rate, multiplied by `lr_decay` every `lr_decay_every` epochs.
+    image_learning_rate : float or None
+        Adam's starting rate for the image-wise network (same decay); None: `learning_rate`.  A
+        fine-tuned patch-wise network wants a low rate, the image-wise one is always trained
+        from scratch and wants the paper's 1e-3.
     patch_copies : int
         Augmented copies of each patch per epoch (16: its 8 rotations/flips, plain and
         colour-perturbed; see :func:`~classifiers.two_stage.training.augmentation_plan`).
@@ -170,6 +174,7 @@ class TwoStageConfig:
     seed: int = 0
     patch_network: str = "nazeri"
     patch_weights: str | None = "imagenet"
+    image_learning_rate: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "dense_units", tuple(int(u) for u in self.dense_units))
@@ -191,6 +196,8 @@ class TwoStageConfig:
             (0 <= self.dropout < 1, "dropout must be in [0, 1)"),
             (min(self.epochs, self.image_epochs, self.batch_size) >= 1, "epochs and batch sizes must be >= 1"),
             (self.learning_rate > 0 and 0 < self.lr_decay <= 1, "learning_rate > 0, lr_decay in (0, 1]"),
+            (self.image_learning_rate is None or self.image_learning_rate > 0,
+             "image_learning_rate must be > 0 or None (the patch-wise learning_rate)"),
             (self.lr_decay_every >= 1 and self.patience >= 1, "lr_decay_every and patience must be >= 1"),
             (min(self.patch_copies, self.image_copies) >= 1, "patch_copies and image_copies must be >= 1"),
             (0 <= self.color_jitter < 1, "color_jitter must be in [0, 1)"),
@@ -229,10 +236,18 @@ class TwoStageConfig:
 
     def fingerprint(self) -> dict:
         """The fields that define the trained weights (what a resumed run must share): all but
-        :data:`RUNTIME_FIELDS`, and for ``'nazeri'`` all but the pretrained network's fields (so
-        fingerprints made before those fields existed stay valid)."""
+        :data:`RUNTIME_FIELDS`, for ``'nazeri'`` all but the pretrained network's fields, and
+        ``image_learning_rate`` when None (so fingerprints made before those fields existed stay
+        valid)."""
         dropped = RUNTIME_FIELDS + (() if self.pretrained else _PRETRAINED_FIELDS)
+        if self.image_learning_rate is None:  # the default: as before the field existed
+            dropped += ("image_learning_rate",)
         return {k: v for k, v in self.to_dict().items() if k not in dropped}
+
+    @property
+    def image_rate(self) -> float:
+        """The image-wise network's starting learning rate."""
+        return self.learning_rate if self.image_learning_rate is None else self.image_learning_rate
 
     @classmethod
     def from_dict(cls, record: dict) -> "TwoStageConfig":
@@ -259,10 +274,10 @@ def _conv_block(x, filters: int, kernel: int, stride: int, name: str):
     return layers.ReLU(name=f"{name}_relu")(x)
 
 
-def _compile(model, config: TwoStageConfig):
+def _compile(model, learning_rate: float):
     import keras
 
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate),
                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     # Creating Adam's slots now spares TensorFlow a second tracing of the first train step.
     model.optimizer.build(model.trainable_variables)
@@ -301,7 +316,7 @@ def build_patch_network(config: TwoStageConfig, n_classes: int):
               else layers.Flatten(name="flatten"))(maps)
     outputs = layers.Dense(n_classes, activation="softmax", name="probabilities",
                            kernel_initializer=initializers.RandomNormal(0.0, 0.01))(pooled)
-    return _compile(keras.Model(inputs, outputs, name="patch_wise"), config)
+    return _compile(keras.Model(inputs, outputs, name="patch_wise"), config.learning_rate)
 
 
 def _nazeri_trunk(config: TwoStageConfig, inputs):
@@ -381,7 +396,7 @@ def build_image_network(config: TwoStageConfig, n_patches: int, n_classes: int):
         x = layers.Dropout(config.dropout, name=f"dropout{i}")(x)
     outputs = layers.Dense(n_classes, activation="softmax", kernel_initializer=dense_init,
                            name="probabilities")(x)
-    return _compile(keras.Model(inputs, outputs, name="image_wise"), config)
+    return _compile(keras.Model(inputs, outputs, name="image_wise"), config.image_rate)
 
 
 # --------------------------------------------------------------------------------------------
@@ -667,7 +682,7 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
             arrays = {"x_train": x_train, "y_train": y_train, "x_val": x_val, "y_val": labels[val]}
             if store is not None:
                 store.save_arrays("image_inputs", **arrays)
-        spec = training.StageSpec("image", cfg.image_epochs, cfg.learning_rate, cfg.lr_decay,
+        spec = training.StageSpec("image", cfg.image_epochs, cfg.image_rate, cfg.lr_decay,
                                   cfg.lr_decay_every, patience=cfg.patience if len(val) else None)
         n_train = len(arrays["y_train"])
 

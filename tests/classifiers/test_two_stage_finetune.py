@@ -25,8 +25,8 @@ from data.datasets import load_dataset
 
 LITE = dict(patch_network="efficientnet_lite0", patch_weights=None, patch_size=128, stride=64, channels=2,
             patch_head="gap", image_width=4, dense_units=(8,), epochs=1, image_epochs=1, batch_size=16,
-            learning_rate=1e-4, patch_copies=1, image_copies=1, val_fraction=0.25, inference_batch_size=32,
-            ensemble=False, seed=0)
+            learning_rate=1e-4, image_learning_rate=1e-3, patch_copies=1, image_copies=1, val_fraction=0.25,
+            inference_batch_size=32, ensemble=False, seed=0)
 
 
 # --- the config -----------------------------------------------------------------------------------
@@ -64,6 +64,11 @@ def test_default_config_and_its_fingerprint_are_unchanged():
     assert fingerprint_digest(cpu.fingerprint()) == "1bea2d0e76284d0c"
     # The pretrained network's fields do not change a nazeri network, nor its fingerprint...
     assert TwoStageConfig(patch_weights=None).fingerprint() == default.fingerprint()
+    # An image-wise rate of its own is part of the fingerprint; None (the default) is not.
+    assert "image_learning_rate" not in default.fingerprint()
+    assert TwoStageConfig(image_learning_rate=1e-2).fingerprint()["image_learning_rate"] == 1e-2
+    with pytest.raises(ValueError, match="image_learning_rate must be > 0"):
+        TwoStageConfig(image_learning_rate=0.0)
     # ...but do make a pretrained one's.
     lite = TwoStageConfig(**LITE)
     assert lite.fingerprint()["patch_network"] == "efficientnet_lite0"
@@ -78,8 +83,8 @@ def test_finetune_preset_and_cv_report_choices():
     assert TWO_STAGE_PRESETS == tuple(PRESETS)
     cfg = preset_config("finetune", {"epochs": 2}, scheme="bach4", seed=1)
     assert (cfg.patch_network, cfg.patch_weights, cfg.scale, cfg.patch_size, cfg.stride, cfg.learning_rate,
-            cfg.batch_size, cfg.patch_head, cfg.channels, cfg.epochs) == (
-        "efficientnet_lite0", "imagenet", 0.5, 384, 192, 1e-4, 16, "gap", 16, 2)
+            cfg.image_learning_rate, cfg.batch_size, cfg.patch_head, cfg.channels, cfg.epochs) == (
+        "efficientnet_lite0", "imagenet", 0.5, 384, 192, 1e-4, 1e-3, 16, "gap", 16, 2)
     assert cfg.map_size == 12  # 3 x 3 after the image-wise network's two stride-2 convolutions
     from classifiers.two_stage.grid import grid_shape
 
@@ -173,6 +178,9 @@ def test_fit_trains_both_stages_and_logs_the_device(finetuned):
     patch, image = model.history_["patch"], model.history_["image"]
     # 8 training images x 6 patches x 1 copy = 48 patches = 3 batches of 16.
     assert [(r["stage"], r["optimizer_steps"]) for r in patch + image] == [("patch", 3), ("image", 1)]
+    # The fine-tuned patch-wise network at its low rate, the image-wise one (from scratch) at its own.
+    assert [r["learning_rate"] for r in patch + image] == [1e-4, 1e-3]
+    assert float(model.image_net_.optimizer.learning_rate.numpy()) == pytest.approx(1e-3)
     assert np.isfinite(patch[0]["loss"]) and patch[0]["val_accuracy"] is not None
     assert model.history_["device"].startswith(("CPU", "GPU"))
     assert model.history_["patch_weights_sha256"] is None  # random initialisation
@@ -211,10 +219,12 @@ def test_train_cli_builds_the_pretrained_config():
     from pipeline.two_stage import build_parser, config_from_args
 
     args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--patch-network", "efficientnet_lite1",
-                                      "--patch-weights", "none", "--patch-size", "256", "--lr", "1e-4"])
+                                      "--patch-weights", "none", "--patch-size", "256", "--lr", "1e-4",
+                                      "--image-lr", "1e-3"])
     args.scheme = "bach4"
     cfg = config_from_args(args)
-    assert (cfg.patch_network, cfg.patch_weights, cfg.map_size, cfg.learning_rate) == ("efficientnet_lite1", None, 8, 1e-4)
+    assert (cfg.patch_network, cfg.patch_weights, cfg.map_size, cfg.learning_rate, cfg.image_learning_rate) == (
+        "efficientnet_lite1", None, 8, 1e-4, 1e-3)
     args.patch_size = 96
     with pytest.raises(ValueError, match="multiple of 128"):
         config_from_args(args)
