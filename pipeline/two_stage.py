@@ -4,6 +4,7 @@
 
     python -m pipeline.two_stage train --data DIR_OR_CSV --out MODEL_DIR [options]
     python -m pipeline.two_stage train ... --patch-network efficientnet_lite0   # fine-tune ImageNet (GPU)
+    python -m pipeline.two_stage train ... --preset finetune   # as cv_report --two-stage-preset finetune
     python -m pipeline.two_stage predict --model MODEL_DIR IMAGE_OR_DIR ... [--out predictions.csv]
 
 Training checkpoints every finished epoch under ``MODEL_DIR/checkpoints``; rerunning the same
@@ -14,9 +15,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from classifiers.two_stage.model import METHODS, PATCH_NETWORKS, TwoStageConfig
+from classifiers.two_stage.cv import PRESETS, preset_config
 from pipeline._common import (LABELS_HELP, HelpFormatter, add_data_options, add_training_options, labels_spec,
                               load_data, run, training_config)
 
@@ -37,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--data", required=True, help="folder of class folders, CSV manifest path,label[,group], "
                    "the BreakHis folder or BACH as distributed (docs/data-sets.md)")
     t.add_argument("--out", required=True, type=Path, help="model directory")
+    t.add_argument("--preset", choices=tuple(PRESETS),
+                   help="start from a named configuration, as cv_report --two-stage-preset takes it (paper, "
+                   "cpu, finetune: docs/two-stage.md); options given with values other than their defaults "
+                   "override it, so the final model can be trained as the cross-validated ones were")
     t.add_argument("--scheme", "--labels", dest="scheme", default="auto", type=labels_spec,
                    metavar="SCHEME_OR_MAPPING", help=LABELS_HELP + "; the networks have one output per class")
     add_data_options(t)
@@ -92,14 +99,12 @@ def train(args) -> int:
     dataset = load_data(args, scheme=args.scheme)
     scheme = resolve_scheme(args.scheme, dataset["label"])
     args.scheme = scheme.name if scheme.builtin else scheme.to_dict()
-    config_from_args(args)  # a bad option fails before the stain reference is fitted
-    stain = None
+    config = config_from_args(args)  # a bad option fails before the stain reference is fitted
     if args.stain_reference.lower() != "none":
         from features.stain import fit_stain_reference
 
         reference = None if args.stain_reference.lower() == "auto" else args.stain_reference
-        stain = fit_stain_reference(dataset, args.scale, reference)
-    config = config_from_args(args, stain)
+        config = replace(config, stain=fit_stain_reference(dataset, config.scale, reference))
     log.info("training on %d images (%s: %s) into %s", len(dataset), scheme.name, ", ".join(scheme.classes), args.out)
     model = TwoStageModel(config)
     model.fit(dataset, checkpoint_dir=args.out / "checkpoints", progress=not args.quiet)
@@ -108,18 +113,30 @@ def train(args) -> int:
     return 0
 
 
-def config_from_args(args, stain: dict | None = None) -> TwoStageConfig:
-    """The :class:`TwoStageConfig` of parsed ``train`` options (``args.scheme`` resolved)."""
+def _option_fields(args) -> dict:
+    """The :class:`TwoStageConfig` fields the ``train`` options set (all but scheme and stain)."""
     weights = None if str(args.patch_weights).lower() == "none" else args.patch_weights
-    return TwoStageConfig(
-        **training_config(args), scheme=args.scheme, patch_size=args.patch_size, stride=args.stride,
+    return dict(
+        **training_config(args), patch_size=args.patch_size, stride=args.stride,
         channels=args.channels, patch_width=args.width, image_width=args.image_width,
         patch_head=args.head, image_epochs=args.image_epochs, lr_decay=args.lr_decay,
         lr_decay_every=args.lr_decay_every, patch_copies=args.patch_copies,
         image_copies=args.image_copies, color_jitter=args.color_jitter,
-        patience=args.patience, cache_mb=args.cache_mb, stain=stain,
+        patience=args.patience, cache_mb=args.cache_mb,
         patch_network=args.patch_network, patch_weights=weights, image_learning_rate=args.image_lr,
     )
+
+
+def config_from_args(args) -> TwoStageConfig:
+    """The :class:`TwoStageConfig` of parsed ``train`` options (``args.scheme`` resolved): the
+    options, or with ``--preset`` the preset overridden by the options that differ from their
+    defaults."""
+    fields = _option_fields(args)
+    if args.preset is None:
+        return TwoStageConfig(**fields, scheme=args.scheme)
+    defaults = _option_fields(build_parser().parse_args(["train", "--data", "-", "--out", "-"]))
+    given = {k: v for k, v in fields.items() if v != defaults[k] and k != "seed"}
+    return preset_config(args.preset, given, scheme=args.scheme, seed=args.seed)
 
 
 def train_report(model, out: Path) -> str:

@@ -238,3 +238,22 @@ def test_report_words_say_how_the_patch_wise_network_was_trained():
     imagenet = two_stage_training_words(TwoStageConfig(**{**LITE, "patch_weights": "imagenet"}).to_dict())
     assert imagenet.startswith("the patch-wise network an EfficientNet-Lite0 pretrained on ImageNet, fine-tuned")
     assert "randomly initialised" in two_stage_training_words(TwoStageConfig(**LITE).to_dict())
+
+
+def test_train_cli_preset_is_the_cv_config_with_the_given_options_on_top():
+    from classifiers.two_stage.cv import preset_config
+    from pipeline.two_stage import build_parser, config_from_args
+
+    base = ["train", "--data", "d", "--out", "o", "--seed", "3", "--preset", "finetune"]
+    args = build_parser().parse_args(base)
+    args.scheme = "bach4"
+    # What cv_report --two-stage-preset finetune --seed 3 trains in each fold.
+    assert config_from_args(args) == preset_config("finetune", scheme="bach4", seed=3)
+    args = build_parser().parse_args(base + ["--epochs", "12", "--patch-network", "efficientnet_lite1"])
+    args.scheme = "bach4"
+    cfg = config_from_args(args)
+    assert cfg == preset_config("finetune", {"epochs": 12, "patch_network": "efficientnet_lite1"}, scheme="bach4",
+                                seed=3)
+    assert (cfg.scale, cfg.patch_size, cfg.learning_rate, cfg.image_learning_rate) == (0.5, 384, 1e-4, 1e-3)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--data", "d", "--out", "o", "--preset", "fast"])
