@@ -238,11 +238,21 @@ class TwoStageConfig:
         """The fields that define the trained weights (what a resumed run must share): all but
         :data:`RUNTIME_FIELDS`, for ``'nazeri'`` all but the pretrained network's fields, and
         ``image_learning_rate`` when None (so fingerprints made before those fields existed stay
-        valid)."""
+        valid).  A pretrained network's adds the sha256 of its starting weights file: new weights
+        under the same name (another package version) never resume a run made with the old.
+
+        Raises
+        ------
+        features.backbones.WeightsNotFoundError
+            A pretrained network's weights file is missing.
+        """
         dropped = RUNTIME_FIELDS + (() if self.pretrained else _PRETRAINED_FIELDS)
         if self.image_learning_rate is None:  # the default: as before the field existed
             dropped += ("image_learning_rate",)
-        return {k: v for k, v in self.to_dict().items() if k not in dropped}
+        record = {k: v for k, v in self.to_dict().items() if k not in dropped}
+        if self.pretrained:
+            record["patch_weights_sha256"] = patch_weights_sha256(self)
+        return record
 
     @property
     def image_rate(self) -> float:

