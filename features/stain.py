@@ -193,7 +193,7 @@ def fit_stain_reference(
     if reference is not None:
         image = scale_image(read_image(reference), scale)
         try:
-            normalizer = StainNormalizer(method=check_stain_method(method)).fit(image)
+            normalizer = StainNormalizer(method=method).fit(image)
         except StainNormalizationError as exc:
             raise StainNormalizationError(
                 f"stain reference '{reference}' cannot be used: {exc.reason}"
@@ -205,7 +205,7 @@ def fit_stain_reference(
         for i in picks:
             row = dataset.iloc[i]
             try:
-                fitted.append((row, StainNormalizer(method=check_stain_method(method)).fit(
+                fitted.append((row, StainNormalizer(method=method).fit(
                     scale_image(read_image(row.path), scale))))
             except (ImageReadError, StainNormalizationError) as exc:
                 log.info("not a stain reference candidate: %s (%s)", row.image_id, exc)

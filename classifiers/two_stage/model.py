@@ -660,13 +660,14 @@ class TwoStageModel(ClassifierMixin, BaseEstimator):
                                      "image-wise network needs images of one size")
         self.initialize(next(iter(grids)))
         self.history_["device"] = _training_device(cfg)
-        self.history_["patch_weights_sha256"] = patch_weights_sha256(cfg)
+        config_record = cfg.fingerprint()  # hashes a pretrained network's weights file: once
+        self.history_["patch_weights_sha256"] = config_record.get("patch_weights_sha256")
         train, val = training.validation_split(labels, groups, cfg.val_fraction, cfg.seed)
         self.history_["validation_ids"] = [names[i] for i in val]
 
         store = None
         if checkpoint_dir is not None:
-            fingerprint = {"config": cfg.fingerprint(),
+            fingerprint = {"config": config_record,
                            "images": [[n, int(c)] for n, c in zip(names, labels)],
                            "validation": [int(i) for i in val]}
             store = training.CheckpointStore(checkpoint_dir, fingerprint)
